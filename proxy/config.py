@@ -1,0 +1,144 @@
+"""The config file: `${VAR}` substitution, strict validation, typed frozen objects.
+
+Owns the shape of every setting and its defaults. Reports every problem at once, each with its
+path. Imports nothing of the rest of the app; everything else receives these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 8 * 1024 * 1024
+    drain_delay_s: float = 5.0
+    shutdown_grace_s: float = 30.0
+    admin_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = ""
+    timeout_ms: int = 100
+    on_error: str = "fail_open"  # fail_open | fail_closed
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    name: str
+    key_sha256: str  # lower-case hex; computed from `key` when the file gives plaintext
+    group: str = "default"
+    models: frozenset[str] | None = None  # None: every model
+    limits: Limits = Limits()
+    budget_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float = 5.0
+    first_byte_s: float = 60.0
+    idle_s: float = 60.0
+    total_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    consecutive_failures: int = 5
+    failure_rate: float = 0.5
+    min_requests: int = 20
+    window_s: float = 60.0
+    open_s: float = 30.0
+    max_open_s: float = 300.0
+    half_open_probes: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AccountConfig:
+    name: str
+    api_key: str = ""
+    weight: float = 1.0
+    priority: int = 0
+    max_concurrency: int | None = None  # None: no cap
+    limits: Limits = Limits()
+    groups: frozenset[str] | None = None  # None: every group
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    type: str  # openai | mock
+    base_url: str = ""  # without a trailing slash; empty for mock
+    timeouts: Timeouts = Timeouts()
+    breaker: BreakerConfig = BreakerConfig()
+    accounts: tuple[AccountConfig, ...] = ()
+    latency_ms: float = 0.0  # mock only
+    chunk_delay_ms: float = 0.0  # mock only
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: str
+    model: str  # the name the upstream knows the model by
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    kind: str = "chat"
+    targets: tuple[Target, ...] = ()
+    fallbacks: tuple[str, ...] = ()
+    limits: Limits = Limits()
+    default_max_tokens: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StickyConfig:
+    enabled: bool = False
+    ttl_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    strategy: str = "least_busy"  # least_busy | weighted_random | round_robin
+    max_attempts: int = 3
+    retry_budget: float = 0.2
+    retry_min_per_s: float = 1.0
+    sticky: StickyConfig = StickyConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"  # debug | info | warning | error
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    redis: RedisConfig = RedisConfig()
+    keys: tuple[KeyConfig, ...] = ()
+    providers: Mapping[str, ProviderConfig] = field(default_factory=lambda: MappingProxyType({}))
+    models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
+    routing: RoutingConfig = RoutingConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each as `path: message`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
