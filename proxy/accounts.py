@@ -1,0 +1,406 @@
+"""Runtime state of every upstream account and provider, and the choice of one per attempt.
+
+Owns health (breakers, cooldown, quarantine, disabled), in-flight counts, upstream headroom,
+sticky sessions and the routing strategies of SPEC §5. Pure: takes `now`; must not do I/O or
+import aiohttp/redis. Fallback models are the pipeline's business (one choose() per model).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Collection, Mapping, Sequence
+
+from proxy.breaker import Breaker, BreakerState, Outcome, Ticket
+from proxy.config import AccountConfig, Config, ModelConfig, ProviderConfig, Target
+from proxy.faults import DEFAULT_COOLDOWN_S, Fault, Headroom, Verdict, read_headroom
+
+# A probe is only declared hung once the pipeline's own total timeout must have ended it.
+PROBE_GRACE_S = 5.0
+# Sticky sessions are a cache: bounded so that a client inventing session ids cannot grow it.
+MAX_SESSIONS = 100_000
+# A half-open breaker whose probe slots are taken has no "opens at"; look again this much later.
+HALF_OPEN_RETRY_S = 1.0
+
+_OUTCOMES = {
+    Fault.NONE: Outcome.SUCCESS,
+    Fault.CALLER: Outcome.SUCCESS,
+    Fault.TRANSIENT: Outcome.FAILURE,
+    Fault.QUARANTINE: Outcome.NEUTRAL,
+    Fault.DISABLE: Outcome.NEUTRAL,
+    Fault.COOLDOWN: Outcome.NEUTRAL,
+}
+
+Candidate = tuple["Account", Target]
+
+
+class Account:
+    """Mutable runtime state of one upstream account; the same object survives config reloads."""
+
+    __slots__ = (
+        "provider", "config", "id", "breaker", "provider_breaker", "inflight", "cooldown_until",
+        "quarantined", "disabled", "last_error", "remaining_requests", "remaining_tokens",
+        "headroom_until", "rr_credit",
+    )
+
+    def __init__(
+        self, *, provider: ProviderConfig, config: AccountConfig, breaker: Breaker,
+        provider_breaker: Breaker,
+    ) -> None:
+        self.provider = provider
+        self.config = config
+        self.id = f"{provider.name}/{config.name}"
+        self.breaker = breaker
+        self.provider_breaker = provider_breaker
+        self.inflight = 0
+        self.cooldown_until = 0.0
+        self.quarantined: str | None = None
+        self.disabled: str | None = None
+        self.last_error: str | None = None
+        self.remaining_requests: int | None = None
+        self.remaining_tokens: int | None = None
+        self.headroom_until = 0.0
+        self.rr_credit = 0.0  # smooth weighted round robin state
+
+    def __repr__(self) -> str:
+        return f"Account({self.id!r})"
+
+    def healthy(self, now: float) -> bool:
+        """Usable but for the breakers: not benched by an account fault, under its in-flight cap."""
+        cap = self.config.max_concurrency
+        return (
+            self.quarantined is None and self.disabled is None and self.cooldown_until <= now
+            and (cap is None or self.inflight < cap)
+        )
+
+    def has_headroom(self, now: float) -> bool:
+        exhausted = self.remaining_requests == 0 or self.remaining_tokens == 0
+        return not exhausted or self.headroom_until <= now
+
+
+@dataclass(slots=True)
+class Choice:
+    account: Account | None
+    target: Target | None
+    breaker_blocked: bool  # a breaker excluded an otherwise eligible account
+    retry_at: float | None  # when blocked: the earliest time such an account may pass again
+
+
+@dataclass(slots=True, eq=False)
+class Attempt:
+    account: Account
+    target: Target
+    account_breaker: Breaker
+    provider_breaker: Breaker
+    account_ticket: Ticket | None
+    provider_ticket: Ticket | None
+    started: float
+    done: bool = False
+
+
+class Accounts:
+    """Every account of a config. With `previous` (a reload), accounts and provider breakers that
+    still exist keep their state and identity; quarantine is lifted. `previous` is spent."""
+
+    def __init__(self, *, config: Config, rng: random.Random, previous: Accounts | None = None) -> None:
+        self._config = config
+        self._rng = rng
+        old_accounts = previous._by_id if previous is not None else {}
+        old_breakers = previous._provider_breakers if previous is not None else {}
+        self._provider_breakers: dict[str, Breaker] = {}
+        self._by_id: dict[str, Account] = {}
+        by_provider: dict[str, list[Account]] = {}
+        for provider in config.providers.values():
+            provider_breaker = self._breaker(provider, old_breakers.get(provider.name))
+            self._provider_breakers[provider.name] = provider_breaker
+            for account_config in _account_configs(provider):
+                account = self._account(provider, account_config, provider_breaker, old_accounts)
+                self._by_id[account.id] = account
+                by_provider.setdefault(provider.name, []).append(account)
+        self._routes = {name: _route(model, by_provider) for name, model in config.models.items()}
+        self._by_provider = by_provider
+        self._sessions: OrderedDict[str, tuple[str, float]] = (
+            previous._sessions if previous is not None else OrderedDict()
+        )
+        strategies: dict[str, Callable[[Sequence[Candidate]], Candidate]] = {
+            "least_busy": self._least_busy,
+            "weighted_random": self._weighted_random,
+            "round_robin": self._round_robin,
+        }
+        self._pick = strategies.get(config.routing.strategy, self._least_busy)
+
+    @property
+    def accounts(self) -> tuple[Account, ...]:
+        return tuple(self._by_id.values())
+
+    def account(self, account_id: str) -> Account | None:
+        return self._by_id.get(account_id)
+
+    def choose(
+        self, *, model: ModelConfig, group: str, tried: Collection[Account], session: str | None,
+        now: float,
+    ) -> Choice:
+        route = self._routes.get(model.name)
+        if route is None:
+            route = _route(model, self._by_provider)
+        tier, blocked_at = self._best_tier(route, group, tried, now)
+        blocked = blocked_at is not None
+        if not tier:
+            return Choice(account=None, target=None, breaker_blocked=blocked, retry_at=blocked_at)
+        account, target = self._sticky_or_pick(tier, session, now)
+        return Choice(account=account, target=target, breaker_blocked=blocked, retry_at=blocked_at)
+
+    def begin(self, choice: Choice, now: float) -> Attempt:
+        """Take the chosen account. Call it right after choose(), with no await in between:
+        a breaker that refuses here (slot taken meanwhile) lets the attempt through unrecorded."""
+        account, target = choice.account, choice.target
+        if account is None or target is None:
+            raise ValueError("begin() needs a Choice with an account")
+        account.inflight += 1
+        return Attempt(
+            account=account, target=target, account_breaker=account.breaker,
+            provider_breaker=account.provider_breaker, account_ticket=account.breaker.enter(now),
+            provider_ticket=account.provider_breaker.enter(now), started=now,
+        )
+
+    def finish(
+        self, attempt: Attempt, verdict: Verdict, now: float, *, cancelled: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Settle an attempt once (later calls do nothing). A cancelled attempt (the client went
+        away) says nothing about the account: its verdict is ignored, a probe counts as failed."""
+        if attempt.done:
+            return
+        attempt.done = True
+        account = attempt.account
+        account.inflight = max(0, account.inflight - 1)
+        headroom = read_headroom(headers) if headers is not None else None
+        if headroom is not None:
+            _record_headroom(account, headroom, now)
+        outcome = _OUTCOMES[verdict.fault]
+        if not cancelled:
+            _apply_fault(account, verdict, now)
+        _settle(attempt.account_breaker, attempt.account_ticket, outcome, cancelled, now)
+        _settle(attempt.provider_breaker, attempt.provider_ticket, outcome, cancelled, now)
+
+    def lift_quarantine(self, account: Account) -> None:
+        account.quarantined = None
+
+    def quarantined(self) -> list[Account]:
+        return [account for account in self._by_id.values() if account.quarantined is not None]
+
+    def available(self, account: Account, now: float) -> bool:
+        """Could serve a request right now (any group, any model)."""
+        return (
+            account.healthy(now) and account.breaker.can_pass(now)
+            and account.provider_breaker.can_pass(now)
+        )
+
+    def breaker_states(self, now: float) -> list[tuple[str, str, BreakerState]]:
+        """(provider, account, state) per account, and per provider with account "*"."""
+        states = [(name, "*", breaker.state(now)) for name, breaker in self._provider_breakers.items()]
+        states.extend(
+            (account.provider.name, account.config.name, account.breaker.state(now))
+            for account in self._by_id.values()
+        )
+        return states
+
+    def availability(self, now: float) -> list[tuple[str, str, bool]]:
+        return [
+            (account.provider.name, account.config.name, self.available(account, now))
+            for account in self._by_id.values()
+        ]
+
+    def snapshot(self, now: float) -> list[dict[str, object]]:
+        """Per account, JSON-ready; times are seconds from `now` (None when not pending)."""
+        return [
+            {
+                "provider": account.provider.name,
+                "account": account.config.name,
+                "breaker": account.breaker.state(now).name.lower(),
+                "retry_at": _seconds_until(account.breaker.retry_at(now), now),
+                "provider_breaker": account.provider_breaker.state(now).name.lower(),
+                "provider_retry_at": _seconds_until(account.provider_breaker.retry_at(now), now),
+                "cooldown_until": _seconds_until(account.cooldown_until, now),
+                "quarantined": account.quarantined,
+                "disabled": account.disabled,
+                "inflight": account.inflight,
+                "max_concurrency": account.config.max_concurrency,
+                "last_error": account.last_error,
+                "remaining_requests": account.remaining_requests,
+                "remaining_tokens": account.remaining_tokens,
+                "available": self.available(account, now),
+            }
+            for account in self._by_id.values()
+        ]
+
+    def _breaker(self, provider: ProviderConfig, old: Breaker | None) -> Breaker:
+        probe_timeout_s = provider.timeouts.total_s + PROBE_GRACE_S
+        if old is None:
+            return Breaker(config=provider.breaker, rng=self._rng, probe_timeout_s=probe_timeout_s)
+        old.reconfigure(provider.breaker, probe_timeout_s=probe_timeout_s)
+        return old
+
+    def _account(
+        self, provider: ProviderConfig, config: AccountConfig, provider_breaker: Breaker,
+        old_accounts: Mapping[str, Account],
+    ) -> Account:
+        old = old_accounts.get(f"{provider.name}/{config.name}")
+        if old is None:
+            breaker = self._breaker(provider, None)
+            return Account(
+                provider=provider, config=config, breaker=breaker, provider_breaker=provider_breaker
+            )
+        # Reuse the object: attempts in flight across the reload then settle on the live state.
+        old.provider, old.config, old.provider_breaker = provider, config, provider_breaker
+        old.breaker = self._breaker(provider, old.breaker)
+        old.quarantined = None
+        return old
+
+    def _best_tier(
+        self, route: Sequence[Candidate], group: str, tried: Collection[Account], now: float
+    ) -> tuple[list[Candidate], float | None]:
+        """The candidates of the best rank (priority, then headroom), and when a breaker-blocked
+        account may pass again (None when no breaker excluded anyone)."""
+        best: tuple[int, bool] | None = None
+        tier: list[Candidate] = []
+        blocked_at: float | None = None
+        for candidate in route:
+            account = candidate[0]
+            groups = account.config.groups
+            if (groups is not None and group not in groups) or account in tried:
+                continue
+            if not account.healthy(now):
+                continue
+            if not (account.breaker.can_pass(now) and account.provider_breaker.can_pass(now)):
+                at = _passes_again_at(account, now)
+                blocked_at = at if blocked_at is None else min(blocked_at, at)
+                continue
+            rank = (account.config.priority, not account.has_headroom(now))
+            if best is None or rank < best:
+                best, tier = rank, [candidate]
+            elif rank == best:
+                tier.append(candidate)
+        return tier, blocked_at
+
+    def _sticky_or_pick(self, tier: Sequence[Candidate], session: str | None, now: float) -> Candidate:
+        """Sticky sessions hold within the best tier only, so a session follows the operator's
+        priorities back once a better tier recovers. Each use renews the session's TTL."""
+        sticky = self._config.routing.sticky
+        if not sticky.enabled or session is None:
+            return self._pick(tier)
+        entry = self._sessions.get(session)
+        chosen: Candidate | None = None
+        if entry is not None and entry[1] > now:
+            chosen = next((candidate for candidate in tier if candidate[0].id == entry[0]), None)
+        if chosen is None:
+            chosen = self._pick(tier)
+        self._sessions[session] = (chosen[0].id, now + sticky.ttl_s)
+        self._sessions.move_to_end(session)
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return chosen
+
+    def _least_busy(self, tier: Sequence[Candidate]) -> Candidate:
+        """Fewest in flight per unit of weight; ties (e.g. an idle gateway) go weighted-random,
+        so sequential traffic also follows the weights."""
+        best_load = math.inf
+        best: list[Candidate] = []
+        for candidate in tier:
+            weight = candidate[0].config.weight
+            load = candidate[0].inflight / weight if weight > 0 else math.inf
+            if load < best_load or not best:
+                best_load, best = load, [candidate]
+            elif load == best_load:
+                best.append(candidate)
+        return best[0] if len(best) == 1 else self._weighted_random(best)
+
+    def _weighted_random(self, tier: Sequence[Candidate]) -> Candidate:
+        total = sum(max(0.0, candidate[0].config.weight) for candidate in tier)
+        if total <= 0:
+            return tier[self._rng.randrange(len(tier))]
+        point = self._rng.random() * total
+        for candidate in tier:
+            point -= max(0.0, candidate[0].config.weight)
+            if point < 0:
+                return candidate
+        return tier[-1]
+
+    def _round_robin(self, tier: Sequence[Candidate]) -> Candidate:
+        """Smooth weighted round robin (nginx): weight-proportional and evenly interleaved."""
+        total = 0.0
+        best = tier[0]
+        for candidate in tier:
+            account = candidate[0]
+            weight = max(0.0, account.config.weight)
+            account.rr_credit += weight
+            total += weight
+            if account.rr_credit > best[0].rr_credit:
+                best = candidate
+        best[0].rr_credit -= total
+        return best
+
+
+def _account_configs(provider: ProviderConfig) -> tuple[AccountConfig, ...]:
+    if not provider.accounts and provider.type == "mock":
+        return (AccountConfig(name="mock"),)  # SPEC §2: the mock's implicit account
+    return provider.accounts
+
+
+def _route(model: ModelConfig, by_provider: Mapping[str, Sequence[Account]]) -> tuple[Candidate, ...]:
+    """The model's accounts in target order; an account listed under two targets keeps the first."""
+    seen: set[str] = set()
+    route: list[Candidate] = []
+    for target in model.targets:
+        for account in by_provider.get(target.provider, ()):
+            if account.id not in seen:
+                seen.add(account.id)
+                route.append((account, target))
+    return tuple(route)
+
+
+def _passes_again_at(account: Account, now: float) -> float:
+    """The account passes once every breaker that refuses it does: the latest of their times."""
+    at = now
+    for breaker in (account.breaker, account.provider_breaker):
+        if not breaker.can_pass(now):
+            opens_at = breaker.retry_at(now)
+            at = max(at, opens_at if opens_at is not None else now + HALF_OPEN_RETRY_S)
+    return at
+
+
+def _apply_fault(account: Account, verdict: Verdict, now: float) -> None:
+    fault = verdict.fault
+    if fault is Fault.NONE or fault is Fault.CALLER:
+        return
+    reason = verdict.reason or fault.value
+    account.last_error = reason
+    if fault is Fault.QUARANTINE:
+        account.quarantined = reason
+    elif fault is Fault.DISABLE:
+        account.disabled = reason
+    elif fault is Fault.COOLDOWN:
+        until = verdict.until if verdict.until is not None else now + DEFAULT_COOLDOWN_S
+        account.cooldown_until = max(account.cooldown_until, until)
+
+
+def _settle(
+    breaker: Breaker, ticket: Ticket | None, outcome: Outcome, cancelled: bool, now: float
+) -> None:
+    if ticket is None:
+        return
+    if cancelled:
+        outcome = Outcome.FAILURE if ticket.probe else Outcome.NEUTRAL
+    breaker.record(ticket, outcome, now)
+
+
+def _record_headroom(account: Account, headroom: Headroom, now: float) -> None:
+    account.remaining_requests = headroom.remaining_requests
+    account.remaining_tokens = headroom.remaining_tokens
+    account.headroom_until = now + headroom.reset_s if headroom.reset_s > 0 else 0.0
+
+
+def _seconds_until(moment: float | None, now: float) -> float | None:
+    return moment - now if moment is not None and moment > now else None

@@ -1,0 +1,112 @@
+"""The aiohttp application: routes, the `ServerState` app key, start-up and shutdown.
+
+The edge of the gateway: it maps URLs to handlers and owns the lifetime of what they share.
+The chat request path itself lives in `pipeline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import AsyncIterator
+from functools import partial
+
+import orjson
+from aiohttp import web
+
+from . import errors
+from .accesslog import AccessLog
+from .config import Config
+from .errors import GatewayError
+from .gateway import Gateway
+from .call import Call
+from .pipeline import authenticate, bearer_token, handle_chat, render_error, request_id_of
+from .state import ServerState
+
+STATE = web.AppKey("state", ServerState)
+CHAT_PATHS = ("/v1/chat/completions", "/api/v1/chat/completions", "/api/client/v1/chat/completions")
+STARTED = int(time.time())
+
+
+def build_app(config: Config, *, access_log: AccessLog | None = None) -> web.Application:
+    """The gateway as an aiohttp app; ready once its start-up has run."""
+    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app.cleanup_ctx.append(partial(_lifetime, config=config, access_log=access_log))
+    for path in CHAT_PATHS:
+        app.router.add_post(path, _chat)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/admin/state", _admin_state)
+    return app
+
+
+async def _lifetime(
+    app: web.Application, *, config: Config, access_log: AccessLog | None
+) -> AsyncIterator[None]:
+    gateway = Gateway(config=config)
+    state = ServerState(server=config.server, gateway=gateway, access_log=access_log)
+    app[STATE] = state
+    state.ready = True
+    yield
+    state.ready = False
+    await state.gateway.close()
+    if access_log is not None:
+        access_log.flush()
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await handle_chat(request, request.app[STATE])
+
+
+async def _models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    call = Call(gateway=state.gateway, request_id=request_id_of(request), started=0.0)
+    try:
+        authenticate(call, request)
+    except GatewayError as exc:
+        return render_error(call, exc)
+    assert call.key is not None
+    data = [
+        {
+            "id": model.name,
+            "object": "model",
+            "created": STARTED,
+            "owned_by": model.targets[0].provider if model.targets else "llm-proxy",
+        }
+        for model in state.gateway.models_for(call.key)
+    ]
+    return _json(request, {"object": "list", "data": data})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return _json(request, {"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    state = request.app.get(STATE)
+    if state is None or not state.ready:
+        return _json(request, {"status": "not ready"}, status=503)
+    return _json(request, {"status": "ready"})
+
+
+async def _admin_state(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    admin_key = state.server.admin_key
+    call = Call(gateway=state.gateway, request_id=request_id_of(request), started=0.0)
+    if not admin_key:
+        return render_error(call, errors.admin_disabled())
+    if not hmac.compare_digest(bearer_token(request).encode(), admin_key.encode()):
+        return render_error(call, errors.invalid_api_key())
+    now = asyncio.get_running_loop().time()
+    return _json(request, {"accounts": state.gateway.accounts.snapshot(now)})
+
+
+def _json(request: web.Request, data: object, *, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data),
+        status=status,
+        content_type="application/json",
+        headers={"x-request-id": request_id_of(request)},
+    )

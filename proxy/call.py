@@ -1,0 +1,97 @@
+"""`Call`: the typed state of one request as it passes the pipeline's stages.
+
+Each stage fills its own fields; nothing else carries request state. Holds no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .config import KeyConfig, ModelConfig
+from .validation import ChatRequest
+
+if TYPE_CHECKING:
+    from .accounts import Account
+    from .gateway import Gateway
+
+
+class Call:
+    __slots__ = (
+        "gateway",
+        "request_id",
+        "started",
+        "key",
+        "chat",
+        "model",
+        "body",
+        "session",
+        "attempts",
+        "tried",
+        "provider",
+        "account",
+        "status",
+        "error_type",
+        "prompt_tokens",
+        "completion_tokens",
+        "first_byte_at",
+        "upstream_s",
+        "ended_by_shutdown",
+        "_forwarded",
+    )
+
+    def __init__(self, *, gateway: Gateway, request_id: str, started: float) -> None:
+        self.gateway = gateway
+        self.request_id = request_id
+        self.started = started
+        self.key: KeyConfig | None = None
+        self.chat: ChatRequest | None = None
+        self.model: ModelConfig | None = None
+        self.body = b""
+        self.session: str | None = None
+        self.attempts = 0
+        self.tried: list[Account] = []
+        self.provider: str | None = None
+        self.account: str | None = None
+        self.status = 0
+        self.error_type: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.first_byte_at: float | None = None
+        self.upstream_s = 0.0
+        self.ended_by_shutdown = False
+        self._forwarded: dict[str, tuple[bytes, dict[str, Any]]] = {}
+
+    def upstream_request(self, upstream_model: str) -> tuple[bytes, dict[str, Any]]:
+        """The body to send for `upstream_model`: the client's bytes unless something must change.
+
+        Changes only the model name, drops `request_id`, and asks for usage on streams.
+        """
+        chat = self.chat
+        assert chat is not None
+        rewrite = (
+            upstream_model != chat.model
+            or chat.request_id is not None
+            or (chat.stream and not chat.usage_requested)
+        )
+        if not rewrite:
+            return self.body, chat.data
+        cached = self._forwarded.get(upstream_model)
+        if cached is None:
+            data = dict(chat.data)
+            data["model"] = upstream_model
+            data.pop("request_id", None)
+            if chat.stream and not chat.usage_requested:
+                data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+            cached = self._forwarded[upstream_model] = (orjson.dumps(data), data)
+        return cached
+
+    def record_usage(self, usage: Any) -> None:
+        if type(usage) is not dict:
+            return
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if type(prompt) is int:
+            self.prompt_tokens = prompt
+        if type(completion) is int:
+            self.completion_tokens = completion

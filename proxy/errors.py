@@ -1,0 +1,177 @@
+"""`GatewayError`, the one exception that reaches the edge, and its OpenAI-shaped rendering.
+
+Every error the gateway itself produces is built here, so status, type and code stay consistent.
+Imports nothing of the app.
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+
+
+class GatewayError(Exception):
+    """An answer the gateway gives instead of the upstream's: status, OpenAI type and code."""
+
+    __slots__ = ("status", "type", "code", "message", "param", "retry_after_s")
+
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> bytes:
+        """The OpenAI error object, all four keys present."""
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        )
+
+    def sse_event(self) -> bytes:
+        """The terminal event of a stream that already started."""
+        return b"data: " + self.body() + b"\n\n"
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        seconds = max(1, math.ceil(self.retry_after_s))
+        return {
+            "Retry-After": str(seconds),
+            "retry-after-ms": str(max(1, math.ceil(self.retry_after_s * 1000))),
+        }
+
+
+def invalid(code: str, message: str, param: str | None = None) -> GatewayError:
+    return GatewayError(400, "invalid_request_error", code, message, param=param)
+
+
+def invalid_value(param: str, message: str) -> GatewayError:
+    return invalid("invalid_value", message, param)
+
+
+def invalid_api_key() -> GatewayError:
+    return GatewayError(
+        401, "authentication_error", "invalid_api_key", "Invalid or missing API key."
+    )
+
+
+def model_not_found(model: str) -> GatewayError:
+    return GatewayError(
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        f"The model `{model}` does not exist.",
+        param="model",
+    )
+
+
+def model_not_allowed(model: str) -> GatewayError:
+    return GatewayError(
+        403,
+        "permission_error",
+        "model_not_allowed",
+        f"This API key may not use the model `{model}`.",
+        param="model",
+    )
+
+
+def model_not_chat(model: str, kind: str) -> GatewayError:
+    return GatewayError(
+        422,
+        "invalid_request_error",
+        "model_not_chat",
+        f"The model `{model}` is a {kind} model, not a chat model.",
+        param="model",
+    )
+
+
+def request_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        f"Request body exceeds {limit} bytes.",
+    )
+
+
+def draining() -> GatewayError:
+    return GatewayError(
+        503,
+        "service_unavailable",
+        "draining",
+        "The gateway is shutting down; retry on another replica.",
+        retry_after_s=1,
+    )
+
+
+def no_account_available(retry_after_s: float = 1) -> GatewayError:
+    return GatewayError(
+        503,
+        "service_unavailable",
+        "no_account_available",
+        "No upstream account is available to serve this request.",
+        retry_after_s=retry_after_s,
+    )
+
+
+def circuit_open(retry_after_s: float) -> GatewayError:
+    return GatewayError(
+        503,
+        "service_unavailable",
+        "circuit_open",
+        "Provider circuit breaker open",
+        retry_after_s=retry_after_s,
+    )
+
+
+def upstream_unreachable() -> GatewayError:
+    return GatewayError(
+        502, "upstream_error", "upstream_unreachable", "Could not connect to the upstream provider."
+    )
+
+
+def bad_upstream_response(detail: str) -> GatewayError:
+    return GatewayError(
+        502,
+        "upstream_error",
+        "bad_upstream_response",
+        f"The upstream provider gave a bad response: {detail}.",
+    )
+
+
+def upstream_timeout(detail: str) -> GatewayError:
+    return GatewayError(
+        504, "timeout_error", "upstream_timeout", f"The upstream provider timed out: {detail}."
+    )
+
+
+def admin_disabled() -> GatewayError:
+    return GatewayError(
+        404, "invalid_request_error", "not_found", "The admin API is disabled (no server.admin_key)."
+    )
+
+
+def internal_error() -> GatewayError:
+    return GatewayError(
+        500, "server_error", "internal_error", "The gateway failed to handle this request."
+    )

@@ -1,0 +1,294 @@
+"""The terminal stage: try accounts (then fallback models) until one answers, then relay it.
+
+Nothing reaches the client before an attempt has succeeded far enough to commit: the whole
+body for JSON, the first event for SSE. After that a failure ends the stream with one error
+event. Every attempt is handed back to `Accounts.finish` exactly once, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+from aiohttp import web
+
+from . import errors
+from .accounts import Attempt, Choice
+from .call import Call
+from .config import ModelConfig, Timeouts
+from .errors import GatewayError
+from .faults import Fault, Verdict, classify
+from .streaming import SseScanner
+from .upstream import Exchange, UpstreamFailure
+
+log = logging.getLogger("llm_proxy.forward")
+
+MAX_ERROR_BODY = 1 << 20
+TRANSIENT = Verdict(Fault.TRANSIENT, reason="transient")
+SUCCESS = Verdict(Fault.NONE)
+
+
+class Clock:
+    """One attempt's deadlines on one `asyncio.Timeout`: first byte, then idle, under total."""
+
+    __slots__ = ("loop", "timeouts", "total_at", "timer", "data_seen")
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timeouts = timeouts
+        now = self.loop.time()
+        self.total_at = now + timeouts.total_s
+        self.timer = asyncio.timeout_at(min(self.total_at, now + timeouts.first_byte_s))
+        self.data_seen = False
+
+    def relay(self) -> asyncio.Timeout:
+        """A fresh timer for the committed stream, due within `idle_s` of the first event."""
+        self.data_seen = True
+        self.timer = asyncio.timeout_at(min(self.total_at, self.loop.time() + self.timeouts.idle_s))
+        return self.timer
+
+    def tick(self) -> None:
+        """Data arrived: the next chunk is due within `idle_s`."""
+        self.data_seen = True
+        self.timer.reschedule(min(self.total_at, self.loop.time() + self.timeouts.idle_s))
+
+    def expired(self) -> GatewayError:
+        if self.loop.time() >= self.total_at:
+            return errors.upstream_timeout(f"over total_s={self.timeouts.total_s:g}")
+        if not self.data_seen:
+            return errors.upstream_timeout(f"no first byte within {self.timeouts.first_byte_s:g}s")
+        return errors.upstream_timeout(f"no data for idle_s={self.timeouts.idle_s:g}")
+
+
+async def forward(call: Call, request: web.Request) -> web.StreamResponse:
+    """Attempts in order until one commits; the last failure when none does."""
+    assert call.model is not None and call.key is not None
+    gateway = call.gateway
+    max_attempts = gateway.config.routing.max_attempts
+    loop = asyncio.get_running_loop()
+    failure: GatewayError | None = None
+    breaker_retry_at: float | None = None
+    for model in _route(call.model, gateway.models):
+        while call.attempts < max_attempts:
+            now = loop.time()
+            choice = gateway.accounts.choose(
+                model=model, group=call.key.group, tried=call.tried, session=call.session, now=now
+            )
+            if choice.account is None:
+                if choice.breaker_blocked and choice.retry_at is not None:
+                    breaker_retry_at = min(breaker_retry_at or choice.retry_at, choice.retry_at)
+                break
+            if call.attempts == 0:
+                gateway.retry_budget.record_first(now)
+            elif not gateway.retry_budget.try_retry(now):
+                log.warning("retry refused by the retry budget", extra={"request_id": call.request_id})
+                assert failure is not None
+                raise failure
+            result = await _attempt(call, request, choice)
+            if not isinstance(result, GatewayError):
+                return result
+            failure = result
+    if failure is not None:
+        raise failure
+    if breaker_retry_at is not None:
+        raise errors.circuit_open(breaker_retry_at - loop.time())
+    raise errors.no_account_available()
+
+
+def _route(model: ModelConfig, models: dict[str, ModelConfig]) -> list[ModelConfig]:
+    return [model, *(models[name] for name in model.fallbacks)]
+
+
+async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.StreamResponse | GatewayError:
+    """One upstream attempt: a committed response, or the error it ended with."""
+    gateway = call.gateway
+    loop = asyncio.get_running_loop()
+    attempt = gateway.accounts.begin(choice, loop.time())
+    call.attempts += 1
+    call.tried.append(attempt.account)
+    call.provider, call.account = attempt.account.provider.name, attempt.account.config.name
+    provider = gateway.providers[attempt.target.provider]
+    body, data = call.upstream_request(attempt.target.model)
+    clock = Clock(provider.config.timeouts)
+    verdict: Verdict | None = None
+    exchange: Exchange | None = None
+    started = loop.time()
+    try:
+        try:
+            async with clock.timer:
+                exchange = await provider.send(attempt.account.config, body, data, call.request_id)
+                if not 200 <= exchange.status < 300:
+                    verdict, result = await _refused(call, exchange, clock)
+                    return result
+                assert call.chat is not None
+                if not call.chat.stream:
+                    verdict, result = await _relay_json(call, exchange, clock)
+                    return result
+                scanner = SseScanner(strip_usage=not call.chat.usage_requested)
+                first = await _first_event(exchange, clock, scanner)
+        except TimeoutError:
+            verdict = TRANSIENT
+            return _failed(call, clock.expired())
+        except UpstreamFailure as exc:
+            verdict = TRANSIENT
+            if exc.kind == "connect":
+                return _failed(call, errors.upstream_unreachable(), exc.detail)
+            return _failed(call, errors.bad_upstream_response(exc.detail))
+        call.first_byte_at = loop.time()
+        response = await _open_sse(call, request)
+        verdict = await _pump(call, response, exchange, clock, scanner, first)
+        return response
+    finally:
+        call.upstream_s += loop.time() - started
+        if exchange is not None:
+            exchange.close()
+        headers = exchange.headers if exchange is not None else None
+        gateway.accounts.finish(
+            attempt, verdict or SUCCESS, loop.time(), cancelled=verdict is None, headers=headers
+        )
+
+
+def _failed(call: Call, error: GatewayError, detail: str = "") -> GatewayError:
+    log.warning(
+        "upstream attempt failed: %s %s/%s %s",
+        error.code,
+        call.provider,
+        call.account,
+        detail or error.message,
+    )
+    return error
+
+
+async def _refused(
+    call: Call, exchange: Exchange, clock: Clock
+) -> tuple[Verdict, web.StreamResponse | GatewayError]:
+    """A non-2xx answer: relayed when it is the caller's fault, else this attempt's error."""
+    body = await _read_all(exchange, clock, MAX_ERROR_BODY)
+    verdict = classify(exchange.status, exchange.headers, body, clock.loop.time())
+    if verdict.fault is Fault.CALLER:
+        content_type = exchange.headers.get("Content-Type", "application/json")
+        response = web.Response(
+            status=exchange.status,
+            body=body,
+            headers={"Content-Type": content_type, "x-request-id": call.request_id},
+        )
+        return verdict, response
+    if verdict.fault is Fault.TRANSIENT:
+        error = errors.bad_upstream_response(f"upstream status {exchange.status}")
+    else:
+        retry_after = max(1.0, (verdict.until or 0) - clock.loop.time())
+        error = errors.no_account_available(retry_after)
+    return verdict, _failed(call, error, verdict.reason)
+
+
+async def _read_all(exchange: Exchange, clock: Clock, limit: int | None = None) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await exchange.read():
+        clock.tick()
+        parts.append(chunk)
+        size += len(chunk)
+        if limit is not None and size > limit:
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def _relay_json(
+    call: Call, exchange: Exchange, clock: Clock
+) -> tuple[Verdict, web.StreamResponse | GatewayError]:
+    body = await _read_all(exchange, clock)
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if type(parsed) is not dict:
+        return TRANSIENT, _failed(call, errors.bad_upstream_response("answer is not a JSON object"))
+    call.record_usage(parsed.get("usage"))
+    call.first_byte_at = clock.loop.time()
+    assert call.chat is not None
+    if call.chat.request_id is not None:
+        body = _with_request_id(body, call.chat.request_id)
+    headers = {"Content-Type": "application/json", "x-request-id": call.request_id}
+    return SUCCESS, web.Response(body=body, headers=headers)
+
+
+def _with_request_id(body: bytes, request_id: str) -> bytes:
+    """`body` with `"request_id"` as its first member; every other byte unchanged."""
+    brace = body.index(b"{") + 1
+    member = b'"request_id":' + orjson.dumps(request_id)
+    empty = body[brace:].lstrip().startswith(b"}")
+    return body[:brace] + member + (b"" if empty else b",") + body[brace:]
+
+
+async def _first_event(exchange: Exchange, clock: Clock, scanner: SseScanner) -> bytes:
+    """Reads until the first whole event: the point where the client's response commits."""
+    while True:
+        chunk = await exchange.read()
+        if not chunk:
+            raise UpstreamFailure("bad_response", "stream ended before its first event")
+        if first := scanner.feed(chunk):
+            return first
+
+
+async def _open_sse(call: Call, request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            "x-request-id": call.request_id,
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
+async def _pump(
+    call: Call,
+    response: web.StreamResponse,
+    exchange: Exchange,
+    clock: Clock,
+    scanner: SseScanner,
+    first: bytes,
+) -> Verdict:
+    """Relays a committed stream to its end; a failure becomes one terminal error event."""
+    error: GatewayError | None = None
+    try:
+        async with clock.relay():
+            await response.write(first)
+            while chunk := await exchange.read():
+                clock.tick()
+                if out := scanner.feed(chunk):
+                    await response.write(out)
+        if not scanner.done:
+            error = errors.bad_upstream_response("stream ended before [DONE]")
+    except TimeoutError:
+        error = clock.expired()
+    except UpstreamFailure as exc:
+        error = errors.bad_upstream_response(exc.detail)
+    except ConnectionResetError:
+        call.status = 499
+        return SUCCESS  # the client left; the caller closes the upstream
+    except asyncio.CancelledError:
+        if call.ended_by_shutdown:
+            await _end_with(response, errors.draining())
+        raise
+    finally:
+        call.record_usage(scanner.usage)
+    if error is None:
+        await response.write_eof()
+        return SUCCESS
+    call.error_type = error.code
+    _failed(call, error)
+    await _end_with(response, error)
+    return TRANSIENT
+
+
+async def _end_with(response: web.StreamResponse, error: GatewayError) -> None:
+    """Ends a committed stream with one error event and no `[DONE]`."""
+    try:
+        await response.write(error.sse_event())
+        await response.write_eof()
+    except ConnectionResetError:
+        pass

@@ -1,0 +1,59 @@
+"""`Gateway`: everything one config builds — key lookup, models, providers, account state.
+
+A reload builds a new Gateway from the old one (account state and unchanged providers carry
+over); requests keep the Gateway they started with. Does no request handling itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from .accounts import Accounts
+from .config import Config, KeyConfig, ModelConfig, ProviderConfig
+from .providers.mock import MockProvider
+from .retrybudget import RetryBudget
+from .upstream import OpenAIProvider, Provider
+
+
+class Gateway:
+    def __init__(self, *, config: Config, previous: Gateway | None = None) -> None:
+        self.config = config
+        self.keys: dict[str, KeyConfig] = {key.key_sha256: key for key in config.keys}
+        self.models: dict[str, ModelConfig] = dict(config.models)
+        self.accounts = Accounts(
+            config=config,
+            rng=random.Random(),
+            previous=previous.accounts if previous is not None else None,
+        )
+        self.retry_budget = (
+            previous.retry_budget
+            if previous is not None
+            else RetryBudget(
+                ratio=config.routing.retry_budget, min_per_s=config.routing.retry_min_per_s
+            )
+        )
+        old = previous.providers if previous is not None else {}
+        self.providers: dict[str, Provider] = {
+            name: old[name] if name in old and old[name].config == provider else _build(provider)
+            for name, provider in config.providers.items()
+        }
+        self.retired: list[Provider] = [
+            p for name, p in old.items() if self.providers.get(name) is not p
+        ]
+
+    def authenticate(self, token: str) -> KeyConfig | None:
+        return self.keys.get(hashlib.sha256(token.encode()).hexdigest())
+
+    def models_for(self, key: KeyConfig) -> list[ModelConfig]:
+        return [m for m in self.models.values() if key.models is None or m.name in key.models]
+
+    async def close(self) -> None:
+        for provider in self.providers.values():
+            await provider.close()
+
+
+def _build(config: ProviderConfig) -> Provider:
+    if config.type == "mock":
+        return MockProvider(config)
+    return OpenAIProvider(config)

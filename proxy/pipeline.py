@@ -1,0 +1,150 @@
+"""The request path of `POST /v1/chat/completions`, top to bottom in one place.
+
+authenticate → read body → validate → authorize → forward (failover, relay) → settle.
+Each stage fills fields of the `Call` or raises `GatewayError`; errors are rendered here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from aiohttp import web
+
+from . import errors
+from .call import Call
+from .errors import GatewayError
+from .forward import forward
+from .state import ServerState
+from .validation import parse_chat_request
+
+log = logging.getLogger("llm_proxy.pipeline")
+
+
+async def handle_chat(request: web.Request, state: ServerState) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    call = Call(gateway=state.gateway, request_id=request_id_of(request), started=loop.time())
+    task = asyncio.current_task()
+    assert task is not None
+    state.enter(task, call)
+    response: web.StreamResponse | None = None
+    try:
+        if state.draining:
+            raise errors.draining()
+        authenticate(call, request)
+        call.body = await read_body(request, state.server.max_body_bytes)
+        validate(call, request)
+        authorize(call)
+        response = await forward(call, request)
+        return response
+    except GatewayError as exc:
+        response = render_error(call, exc)
+        return response
+    except asyncio.CancelledError:
+        call.status = 499  # the client went away (or shutdown ended the request)
+        raise
+    except Exception:
+        log.exception("unexpected error handling request %s", call.request_id)
+        response = render_error(call, errors.internal_error())
+        return response
+    finally:
+        state.leave(task)
+        settle(call, response, state)
+
+
+def authenticate(call: Call, request: web.Request) -> None:
+    token = bearer_token(request) or request.headers.get("x-api-key", "")
+    key = call.gateway.authenticate(token) if token else None
+    if key is None:
+        raise errors.invalid_api_key()
+    call.key = key
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `limit`."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise errors.request_too_large(limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.request_too_large(limit) from None
+
+
+def validate(call: Call, request: web.Request) -> None:
+    chat = parse_chat_request(call.body)
+    call.chat = chat
+    if chat.request_id is not None and "X-Request-Id" not in request.headers:
+        call.request_id = chat.request_id
+    call.session = request.headers.get("x-session-id") or _str_or_none(chat.data.get("user"))
+
+
+def authorize(call: Call) -> None:
+    assert call.chat is not None and call.key is not None
+    name = call.chat.model
+    model = call.gateway.models.get(name)
+    if model is None:
+        raise errors.model_not_found(name)
+    if call.key.models is not None and name not in call.key.models:
+        raise errors.model_not_allowed(name)
+    if model.kind != "chat":
+        raise errors.model_not_chat(name, model.kind)
+    call.model = model
+
+
+def render_error(call: Call, error: GatewayError) -> web.Response:
+    call.status = error.status
+    call.error_type = error.code
+    headers = error.headers()
+    headers["x-request-id"] = call.request_id
+    return web.Response(
+        status=error.status, body=error.body(), content_type="application/json", headers=headers
+    )
+
+
+def settle(call: Call, response: web.StreamResponse | None, state: ServerState) -> None:
+    """Accounts for the finished request: the access log line (never a key or content)."""
+    if not call.status and response is not None:
+        call.status = response.status
+    if state.access_log is None:
+        return
+    loop = asyncio.get_running_loop()
+    chat = call.chat
+    ttft = call.first_byte_at - call.started if call.first_byte_at is not None else None
+    state.access_log.write(
+        {
+            "request_id": call.request_id,
+            "key": call.key.name if call.key is not None else None,
+            "model": chat.model if chat is not None else None,
+            "provider": call.provider,
+            "account": call.account,
+            "attempts": call.attempts,
+            "status": call.status,
+            "error_type": call.error_type,
+            "prompt_tokens": call.prompt_tokens,
+            "completion_tokens": call.completion_tokens,
+            "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
+            "duration_ms": round((loop.time() - call.started) * 1000, 3),
+            "stream": chat.stream if chat is not None else False,
+        }
+    )
+
+
+def bearer_token(request: web.Request) -> str:
+    header = request.headers.get("Authorization")
+    if header is not None and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return ""
+
+
+def request_id_of(request: web.Request) -> str:
+    """The client's `X-Request-Id` when it is usable, else a new `req_...`."""
+    given = request.headers.get("X-Request-Id")
+    if given and len(given) <= 200 and given.isprintable():
+        return given
+    return "req_" + os.urandom(12).hex()
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if type(value) is str and value else None

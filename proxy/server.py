@@ -1,0 +1,73 @@
+"""Running the gateway: the event loop, the listening socket, signals and the graceful drain.
+
+SIGTERM/SIGINT: `/readyz` turns 503 at once, traffic is still served for `drain_delay_s`, then
+new requests get 503 `draining` while in-flight ones get `shutdown_grace_s` to finish; what is
+left is ended (streams with an error event) and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvloop
+from aiohttp import web
+
+from .accesslog import AccessLog
+from .app import STATE, build_app
+from .config import Config
+from .state import ServerState
+
+log = logging.getLogger("llm_proxy.server")
+
+
+def serve(config: Config) -> int:
+    logging.basicConfig(
+        level=config.logging.level.upper(),
+        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}',
+    )
+    uvloop.run(_serve(config))
+    return 0
+
+
+async def _serve(config: Config) -> None:
+    access_log = AccessLog() if config.logging.access_log else None
+    app = build_app(config, access_log=access_log)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=2048)
+    await site.start()
+    for address in runner.addresses:
+        log.info("listening on %s", address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_unsupported)
+    try:
+        await stop.wait()
+        await drain(app[STATE])
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+def _reload_unsupported() -> None:
+    log.warning("SIGHUP received: config reload is not supported yet; restart to apply changes")
+
+
+async def drain(state: ServerState) -> None:
+    server = state.server
+    state.ready = False
+    log.info("draining: readyz now 503, serving for %gs more", server.drain_delay_s)
+    await asyncio.sleep(server.drain_delay_s)
+    state.draining = True
+    log.info("draining: refusing new requests, %d in flight", len(state.inflight))
+    if await state.wait_idle(server.shutdown_grace_s):
+        return
+    log.warning("shutdown grace over: ending %d requests", len(state.inflight))
+    for task, call in list(state.inflight.items()):
+        call.ended_by_shutdown = True
+        task.cancel()
+    await state.wait_idle(1.0)
