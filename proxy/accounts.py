@@ -115,7 +115,7 @@ class Accounts:
         for provider in config.providers.values():
             provider_breaker = self._breaker(provider, old_breakers.get(provider.name))
             self._provider_breakers[provider.name] = provider_breaker
-            for account_config in _account_configs(provider):
+            for account_config in provider.accounts:
                 account = self._account(provider, account_config, provider_breaker, old_accounts)
                 self._by_id[account.id] = account
                 by_provider.setdefault(provider.name, []).append(account)
@@ -341,12 +341,6 @@ class Accounts:
                 best = candidate
         best[0].rr_credit -= total
         return best
-
-
-def _account_configs(provider: ProviderConfig) -> tuple[AccountConfig, ...]:
-    if not provider.accounts and provider.type == "mock":
-        return (AccountConfig(name="mock"),)  # SPEC §2: the mock's implicit account
-    return provider.accounts
 
 
 def _route(model: ModelConfig, by_provider: Mapping[str, Sequence[Account]]) -> tuple[Candidate, ...]:

@@ -36,7 +36,7 @@ class Fault(enum.Enum):
     NONE = "none"  # 2xx
     CALLER = "caller"  # relayed, no retry, no penalty
     QUARANTINE = "quarantine"  # bad credentials: out until reload or a successful probe
-    DISABLE = "disable"  # out of quota: out until reload
+    DISABLE = "disable"  # out of quota: out until a restart (kept across reloads)
     COOLDOWN = "cooldown"  # rate limited: out until `until`
     TRANSIENT = "transient"  # breaker failure; the request moves on
 
@@ -60,7 +60,8 @@ class Headroom:
 def classify(
     status: int, headers: Mapping[str, str], body: bytes, now: float, *, wall_now: float | None = None
 ) -> Verdict:
-    """Classify one answer. `wall_now` (Unix time, default `now`) converts an HTTP-date Retry-After."""
+    """Classify one answer. An HTTP-date Retry-After counts only when `wall_now` (Unix time) is
+    given: `now` may be a monotonic clock, and misreading one would bench an account for a day."""
     if 200 <= status < 300:
         return Verdict(Fault.NONE)
     if status == 402 or (status >= 400 and _is_quota_error(body)):
@@ -71,12 +72,12 @@ def classify(
     if status in _QUARANTINE_STATUSES:
         return Verdict(Fault.QUARANTINE, reason=reason)
     if status == 429:
-        wait = cooldown_seconds(headers, now if wall_now is None else wall_now)
+        wait = cooldown_seconds(headers, wall_now)
         return Verdict(Fault.COOLDOWN, until=now + wait, reason=reason)
     return Verdict(Fault.TRANSIENT, reason=reason)
 
 
-def cooldown_seconds(headers: Mapping[str, str], wall_now: float) -> float:
+def cooldown_seconds(headers: Mapping[str, str], wall_now: float | None = None) -> float:
     """How long a 429 asks us to wait: the largest hint present, else DEFAULT_COOLDOWN_S.
 
     A reset-* hint is skipped when its remaining-* says that dimension still has room: OpenAI's
@@ -139,11 +140,11 @@ def _parse_count(text: str | None) -> int | None:
     return None if value is None else int(value)
 
 
-def _parse_retry_after(text: str | None, wall_now: float) -> float | None:
+def _parse_retry_after(text: str | None, wall_now: float | None) -> float | None:
     if text is None:
         return None
     seconds = _parse_number(text, 1.0)
-    if seconds is not None:
+    if seconds is not None or wall_now is None:
         return seconds
     try:
         moment = parsedate_to_datetime(text.strip())
