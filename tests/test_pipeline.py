@@ -1,0 +1,175 @@
+"""The request path's early stages over raw HTTP: authentication, validation, limits, ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from .conftest import KEY, Gateway, Upstream, make_config
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GOOD = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def assert_error(body: bytes, status_code: str, param: str | None = None) -> dict[str, Any]:
+    error = orjson.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status_code
+    assert error["param"] == param
+    return error
+
+
+async def post(http: Any, gateway: Gateway, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", data=body, headers={**AUTH, **(headers or {})}
+    ) as response:
+        return response.status, {k.lower(): v for k, v in response.headers.items()}, await response.read()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        (b"{not json", 400, "invalid_json", None),
+        (b"[1, 2]", 400, "invalid_json", None),
+        (b"", 400, "invalid_json", None),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', 400, "missing_field", "model"),
+        (b'{"model": "gpt-test"}', 400, "missing_field", "messages"),
+        (b'{"model": 7, "messages": []}', 400, "invalid_value", "model"),
+        (b'{"model": "gpt-test", "messages": []}', 400, "invalid_value", "messages"),
+        (b'{"model": "gpt-test", "messages": [{"role": "wizard", "content": "x"}]}', 400, "invalid_value", "messages[0].role"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "temperature": 2.5}', 400, "invalid_value", "temperature"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "temperature": "hot"}', 400, "invalid_value", "temperature"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "n": 0}', 400, "invalid_value", "n"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "n": 1.5}', 400, "invalid_value", "n"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "presence_penalty": -3}', 400, "invalid_value", "presence_penalty"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "frequency_penalty": 2.1}', 400, "invalid_value", "frequency_penalty"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "stop": ["a","b","c","d","e"]}', 400, "invalid_value", "stop"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "top_logprobs": 21}', 400, "invalid_value", "top_logprobs"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "max_tokens": 0}', 400, "invalid_value", "max_tokens"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "max_tokens": true}', 400, "invalid_value", "max_tokens"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "stream": "yes"}', 400, "invalid_value", "stream"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "api_base": "http://evil"}', 400, "unsupported_field", "api_base"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "base_url": "http://evil"}', 400, "unsupported_field", "base_url"),
+        (b'{"model": "nope", "messages": [{"role": "user"}]}', 404, "model_not_found", "model"),
+        (b'{"model": "embed", "messages": [{"role": "user"}]}', 422, "model_not_chat", "model"),
+    ],
+)
+async def test_bad_requests_get_openai_errors_and_reach_nothing(
+    http: Any, gateway: Gateway, upstream: Upstream, body: bytes, status: int, code: str, param: str | None
+) -> None:
+    got, headers, answer = await post(http, gateway, body)
+    assert got == status
+    assert headers["content-type"].startswith("application/json")
+    assert headers["x-request-id"].startswith("req_")
+    assert_error(answer, code, param)
+    assert upstream.requests == []
+
+
+async def test_tools_over_128_refused(http: Any, gateway: Gateway, upstream: Upstream) -> None:
+    tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]
+    got, _, answer = await post(http, gateway, orjson.dumps({**GOOD, "tools": tools}))
+    assert got == 400
+    assert_error(answer, "invalid_value", "tools")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer sk-nope"}, {"Authorization": "Basic abc"}, {"x-api-key": "sk-nope"}],
+)
+async def test_unknown_or_missing_key_is_401(http: Any, gateway: Gateway, upstream: Upstream, headers: dict[str, str]) -> None:
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=GOOD, headers=headers) as response:
+        assert response.status == 401
+        assert_error(await response.read(), "invalid_api_key")
+    assert upstream.requests == []
+
+
+async def test_x_api_key_header_is_accepted(http: Any, gateway: Gateway, upstream: Upstream) -> None:
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=GOOD, headers={"x-api-key": KEY}) as response:
+        assert response.status == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/chat/completions", "/api/client/v1/chat/completions"])
+async def test_every_chat_path_serves(http: Any, gateway: Gateway, path: str) -> None:
+    async with http.post(f"{gateway.url}{path}", json=GOOD, headers=AUTH) as response:
+        assert response.status == 200
+        assert (await response.json())["choices"][0]["message"]["content"] == "Hello there"
+
+
+async def test_unknown_fields_pass_through_byte_for_byte(http: Any, start_gateway: Any, upstream: Upstream) -> None:
+    gateway = await start_gateway(make_config([upstream.url]))
+    body = (
+        b'{"model":"same-name","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],'
+        b'"top_k":5,"reasoning_effort":"low","seed":1,"logprobs":true,'
+        b'"response_format":{"type":"json_object"},   "x_custom":{"a":[1,2]}}'
+    )
+    got, _, _ = await post(http, gateway, body)
+    assert got == 200
+    assert upstream.requests[0]["body"] == body
+
+
+async def test_oversized_body_is_413_before_reading(http: Any, start_gateway: Any, upstream: Upstream) -> None:
+    gateway = await start_gateway(make_config([upstream.url], max_body_bytes=1000))
+    got, _, answer = await post(http, gateway, b"x" * 5000)
+    assert got == 413
+    assert_error(answer, "request_too_large")
+
+    async def chunks() -> Any:
+        for _ in range(50):
+            yield b"y" * 100
+
+    async with http.post(f"{gateway.url}/v1/chat/completions", data=chunks(), headers=AUTH) as response:
+        assert response.status == 413
+        assert_error(await response.read(), "request_too_large")
+    assert upstream.requests == []
+
+
+async def test_request_id_header_is_echoed_and_forwarded(http: Any, gateway: Gateway, upstream: Upstream) -> None:
+    got, headers, _ = await post(http, gateway, orjson.dumps(GOOD), {"X-Request-Id": "abc-123"})
+    assert got == 200
+    assert headers["x-request-id"] == "abc-123"
+    assert upstream.requests[0]["headers"]["x-request-id"] == "abc-123"
+
+
+async def test_body_request_id_is_removed_upstream_and_inserted_first_in_answer(
+    http: Any, gateway: Gateway, upstream: Upstream
+) -> None:
+    upstream_answer = b'{"id":"x","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+    from .conftest import completion_handler
+
+    upstream.handler = completion_handler(body=upstream_answer)
+    got, headers, answer = await post(http, gateway, orjson.dumps({**GOOD, "request_id": "mine-1"}))
+    assert got == 200
+    assert headers["x-request-id"] == "mine-1"
+    assert answer == b'{"request_id":"mine-1",' + upstream_answer[1:]
+    assert "request_id" not in orjson.loads(upstream.requests[0]["body"])
+
+
+async def test_client_credentials_and_hop_by_hop_headers_are_not_forwarded(
+    http: Any, gateway: Gateway, upstream: Upstream
+) -> None:
+    headers = {"x-api-key": KEY, "Connection": "keep-alive, x-secret", "x-secret": "1", "Cookie": "a=b"}
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=GOOD, headers=headers) as response:
+        assert response.status == 200
+    sent = {k.lower(): v for k, v in upstream.requests[0]["headers"].items()}
+    assert sent["authorization"] == "Bearer sk-upstream-0"
+    assert "x-api-key" not in sent and "cookie" not in sent and "x-secret" not in sent
+    assert KEY not in str(upstream.requests[0]["headers"])
+
+
+async def test_health_and_readiness(http: Any, gateway: Gateway) -> None:
+    async with http.get(f"{gateway.url}/healthz") as response:
+        assert response.status == 200
+    async with http.get(f"{gateway.url}/readyz") as response:
+        assert response.status == 200
+
+
+async def test_admin_state_needs_the_admin_key(http: Any, start_gateway: Any, upstream: Upstream) -> None:
+    gateway = await start_gateway(make_config([upstream.url], admin_key="adm-1"))
+    async with http.get(f"{gateway.url}/admin/state", headers=AUTH) as response:
+        assert response.status == 401
+    async with http.get(f"{gateway.url}/admin/state", headers={"Authorization": "Bearer adm-1"}) as response:
+        assert response.status == 200
+        accounts = (await response.json())["accounts"]
+    assert [a["account"] for a in accounts] == ["acct0"]
