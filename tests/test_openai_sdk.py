@@ -19,7 +19,7 @@ async def test_chat_completion_round_trip(gateway: Gateway, upstream: Upstream) 
     sent = upstream.requests[0]
     assert sent["path"] == "/v1/chat/completions"
     assert orjson.loads(sent["body"])["model"] == "upstream-model"
-    assert sent["headers"]["Authorization"] == "Bearer sk-upstream-0"
+    assert sent["headers"]["authorization"] == "Bearer sk-upstream-0"
 
 
 async def test_streaming_round_trip_strips_usage_the_client_did_not_ask_for(
