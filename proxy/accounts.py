@@ -24,13 +24,9 @@ MAX_SESSIONS = 100_000
 # A half-open breaker whose probe slots are taken has no "opens at"; look again this much later.
 HALF_OPEN_RETRY_S = 1.0
 
+# Caller faults prove the upstream works; account faults say nothing about it (NEUTRAL).
 _OUTCOMES = {
-    Fault.NONE: Outcome.SUCCESS,
-    Fault.CALLER: Outcome.SUCCESS,
-    Fault.TRANSIENT: Outcome.FAILURE,
-    Fault.QUARANTINE: Outcome.NEUTRAL,
-    Fault.DISABLE: Outcome.NEUTRAL,
-    Fault.COOLDOWN: Outcome.NEUTRAL,
+    Fault.NONE: Outcome.SUCCESS, Fault.CALLER: Outcome.SUCCESS, Fault.TRANSIENT: Outcome.FAILURE,
 }
 
 Candidate = tuple["Account", Target]
@@ -104,7 +100,9 @@ class Accounts:
     """Every account of a config. With `previous` (a reload), accounts and provider breakers that
     still exist keep their state and identity; quarantine is lifted. `previous` is spent."""
 
-    def __init__(self, *, config: Config, rng: random.Random, previous: Accounts | None = None) -> None:
+    def __init__(
+        self, *, config: Config, rng: random.Random, previous: Accounts | None = None
+    ) -> None:
         self._config = config
         self._rng = rng
         old_accounts = previous._by_id if previous is not None else {}
@@ -179,7 +177,7 @@ class Accounts:
         headroom = read_headroom(headers) if headers is not None else None
         if headroom is not None:
             _record_headroom(account, headroom, now)
-        outcome = _OUTCOMES[verdict.fault]
+        outcome = _OUTCOMES.get(verdict.fault, Outcome.NEUTRAL)
         if not cancelled:
             _apply_fault(account, verdict, now)
         _settle(attempt.account_breaker, attempt.account_ticket, outcome, cancelled, now)
@@ -200,7 +198,8 @@ class Accounts:
 
     def breaker_states(self, now: float) -> list[tuple[str, str, BreakerState]]:
         """(provider, account, state) per account, and per provider with account "*"."""
-        states = [(name, "*", breaker.state(now)) for name, breaker in self._provider_breakers.items()]
+        providers = self._provider_breakers.items()
+        states = [(name, "*", breaker.state(now)) for name, breaker in providers]
         states.extend(
             (account.provider.name, account.config.name, account.breaker.state(now))
             for account in self._by_id.values()
@@ -285,7 +284,9 @@ class Accounts:
                 tier.append(candidate)
         return tier, blocked_at
 
-    def _sticky_or_pick(self, tier: Sequence[Candidate], session: str | None, now: float) -> Candidate:
+    def _sticky_or_pick(
+        self, tier: Sequence[Candidate], session: str | None, now: float
+    ) -> Candidate:
         """Sticky sessions hold within the best tier only, so a session follows the operator's
         priorities back once a better tier recovers. Each use renews the session's TTL."""
         sticky = self._config.routing.sticky
@@ -318,12 +319,9 @@ class Accounts:
         return best[0] if len(best) == 1 else self._weighted_random(best)
 
     def _weighted_random(self, tier: Sequence[Candidate]) -> Candidate:
-        total = sum(max(0.0, candidate[0].config.weight) for candidate in tier)
-        if total <= 0:
-            return tier[self._rng.randrange(len(tier))]
-        point = self._rng.random() * total
+        point = self._rng.random() * sum(candidate[0].config.weight for candidate in tier)
         for candidate in tier:
-            point -= max(0.0, candidate[0].config.weight)
+            point -= candidate[0].config.weight
             if point < 0:
                 return candidate
         return tier[-1]
@@ -334,16 +332,17 @@ class Accounts:
         best = tier[0]
         for candidate in tier:
             account = candidate[0]
-            weight = max(0.0, account.config.weight)
-            account.rr_credit += weight
-            total += weight
+            account.rr_credit += account.config.weight
+            total += account.config.weight
             if account.rr_credit > best[0].rr_credit:
                 best = candidate
         best[0].rr_credit -= total
         return best
 
 
-def _route(model: ModelConfig, by_provider: Mapping[str, Sequence[Account]]) -> tuple[Candidate, ...]:
+def _route(
+    model: ModelConfig, by_provider: Mapping[str, Sequence[Account]]
+) -> tuple[Candidate, ...]:
     """The model's accounts in target order; an account listed under two targets keeps the first."""
     seen: set[str] = set()
     route: list[Candidate] = []

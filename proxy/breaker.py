@@ -108,7 +108,9 @@ class Breaker:
         "_window", "_reopens", "_open_until", "_probes",
     )
 
-    def __init__(self, *, config: BreakerConfig, rng: random.Random, probe_timeout_s: float) -> None:
+    def __init__(
+        self, *, config: BreakerConfig, rng: random.Random, probe_timeout_s: float
+    ) -> None:
         self._config = config
         self._rng = rng
         self._probe_timeout_s = probe_timeout_s

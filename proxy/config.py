@@ -10,10 +10,11 @@ import hashlib
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import MappingProxyType
-from typing import Any, Callable, Collection, Mapping, Sequence, TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import yaml
@@ -177,7 +178,7 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
 
 
 def substitute_env(text: str, env: Mapping[str, str]) -> str:
-    """Replaces `${VAR}` and `${VAR:-default}` outside comment lines; raises ConfigError if unset."""
+    """Replaces `${VAR}` and `${VAR:-default}` outside comment lines; ConfigError if VAR unset."""
     result, problems = _substitute(text, env)
     if problems:
         raise ConfigError(problems)
@@ -197,10 +198,10 @@ def _substitute(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
 
 
 def _substitute_line(line: str, number: int, env: Mapping[str, str], problems: list[str]) -> str:
-    def replace(match: re.Match[str]) -> str:
+    def resolve(match: re.Match[str]) -> str:
         name, default = match["name"], match["default"]
         if name is None:
-            problems.append(f"line {number}: malformed reference; use ${{VAR}} or ${{VAR:-default}}")
+            problems.append(f"line {number}: malformed ${{...}}; use ${{VAR}} or ${{VAR:-default}}")
         elif default is not None:
             return env.get(name) or default
         elif name in env:
@@ -210,7 +211,7 @@ def _substitute_line(line: str, number: int, env: Mapping[str, str], problems: l
         # Left as written, so an unset secret does not also surface as an empty field.
         return match[0]
 
-    return _REFERENCE.sub(replace, line)
+    return _REFERENCE.sub(resolve, line)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -221,13 +222,14 @@ class _StrictLoader(yaml.SafeLoader):
         self.duplicates: list[str] = []
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        keys = [key for key, _ in node.value]
-        # Merge keys (`<<: *anchor`) may legitimately override; such mappings are not checked.
-        if all(isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge" for key in keys):
-            seen: set[tuple[str, str]] = set()
+        keys = [key for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
+        # A merge (`<<: *anchor`) may legitimately be overridden, so such mappings are skipped.
+        if all(key.tag != "tag:yaml.org,2002:merge" for key in keys):
+            seen: set[tuple[str, object]] = set()
             for key in keys:
                 if (key.tag, key.value) in seen:
-                    self.duplicates.append(f"line {key.start_mark.line + 1}: duplicate key {key.value}")
+                    line = key.start_mark.line + 1
+                    self.duplicates.append(f"line {line}: duplicate key {key.value}")
                 seen.add((key.tag, key.value))
         return super().construct_mapping(node, deep)
 
@@ -253,9 +255,8 @@ def _load_yaml(text: str) -> tuple[object, list[str]]:
 T = TypeVar("T")
 D = TypeVar("D")
 _Rule = Callable[[Any], "str | None"]  # the problem with a value, or None
-_KIND_NAMES: dict[type[object], str] = {
-    int: "an integer", float: "a number", str: "a string", bool: "true or false"
-}
+_Spec = Mapping[str, tuple[type[Any], "_Rule | None"]]  # field name -> (YAML type, rule)
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 class _Reader:
@@ -266,21 +267,17 @@ class _Reader:
         self.problems = problems
         self.data: dict[Any, Any] = data if isinstance(data, dict) else {}
         self.read: set[str] = set()
+        self.quiet = False
         if data is not None and not isinstance(data, dict):
             self.report("", "must be a mapping")
+            self.quiet = True  # problems with its fields would only repeat this one
 
     def at(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path and key else self.path or key
 
     def report(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.at(key)}: {message}")
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def names(self, key: str) -> frozenset[str]:
-        value = self.data.get(key)
-        return frozenset(k for k in value if isinstance(k, str)) if isinstance(value, dict) else frozenset()
+        if not self.quiet:
+            self.problems.append(f"{self.at(key)}: {message}")
 
     def get(
         self, key: str, kind: type[T], default: D, rule: _Rule | None = None, required: bool = False
@@ -304,6 +301,14 @@ class _Reader:
             return default
         return converted
 
+    def fill(self, defaults: T, spec: _Spec, required: Collection[str] = ()) -> T:
+        """`defaults` (a dataclass) with each field named in `spec` read from this mapping."""
+        values = {
+            key: self.get(key, kind, getattr(defaults, key), rule, key in required)
+            for key, (kind, rule) in spec.items()
+        }
+        return cast(T, replace(cast(Any, defaults), **values))
+
     def strings(self, key: str, rule: _Rule | None = None) -> tuple[str, ...] | None:
         """A list of distinct strings, in file order; None when absent."""
         value = self._container(key, list, "")
@@ -323,26 +328,29 @@ class _Reader:
 
     def section(self, key: str, build: Callable[[_Reader], T]) -> T:
         self.read.add(key)
-        return _build(self.data.get(key), self.at(key), self.problems, build)
+        return self._nested(self.data.get(key), key, build)
+
+    def scalars(self, key: str, defaults: T, spec: _Spec) -> T:
+        return self.section(key, lambda reader: reader.fill(defaults, spec))
 
     def each(self, key: str, build: Callable[[_Reader], T], least: str = "") -> list[T]:
         items = self._container(key, list, least) or []
-        return [_build(item, self.at(f"{key}[{i}]"), self.problems, build) for i, item in enumerate(items)]
+        return [self._nested(item, f"{key}[{i}]", build) for i, item in enumerate(items)]
 
     def named(self, key: str, build: Callable[[str, _Reader], T], least: str = "") -> dict[str, T]:
         built: dict[str, T] = {}
         for name, item in (self._container(key, dict, least) or {}).items():
             if isinstance(name, str) and name:
-                built[name] = _build(item, self.at(f"{key}.{name}"), self.problems, partial(build, name))
+                built[name] = self._nested(item, f"{key}.{name}", partial(build, name))
             else:
                 self.report(key, f"name {name!r} must be a non-empty string")
         return built
 
-    def flag_repeats(self, key: str, values: Sequence[str], field: str, what: str) -> None:
+    def flag_repeats(self, key: str, values: Sequence[str], attribute: str, what: str) -> None:
         """Reports each non-empty value of list `key` that an earlier item already has."""
 
         def where(index: int) -> str:
-            return self.at(f"{key}[{index}]" + (f".{field}" if field else ""))
+            return self.at(f"{key}[{index}]" + (f".{attribute}" if attribute else ""))
 
         first: dict[str, int] = {}
         for index, value in enumerate(values):
@@ -357,7 +365,7 @@ class _Reader:
                 self.report(str(key), "unknown key")
 
     def _container(self, key: str, kind: type[list[Any]] | type[dict[Any, Any]], least: str) -> Any:
-        """The list or mapping at `key` (None when absent or wrong); reports one that must not be empty."""
+        """The list or mapping at `key` (None if absent or wrong); `least` names a required item."""
         self.read.add(key)
         value = self.data.get(key)
         if value is not None and not isinstance(value, kind):
@@ -366,6 +374,9 @@ class _Reader:
         if least and not value:
             self.report(key, f"at least one {least} is required")
         return value
+
+    def _nested(self, data: object, key: str, build: Callable[[_Reader], T]) -> T:
+        return _build(data, self.at(key), self.problems, build)
 
 
 def _build(data: object, path: str, problems: list[str], build: Callable[[_Reader], T]) -> T:
@@ -387,58 +398,110 @@ def _convert(value: object, kind: type[T]) -> T | None:
     return value if isinstance(value, kind) else None
 
 
-def _at_least(low: float) -> _Rule:
-    return lambda value: None if value >= low else f"must be >= {low}"
-
-
-def _above(low: float) -> _Rule:
-    return lambda value: None if value > low else f"must be > {low}"
-
-
-def _between(low: float, high: float) -> _Rule:
-    return lambda value: None if low <= value <= high else f"must be between {low} and {high}"
+def _rule(test: Callable[[Any], object], message: str) -> _Rule:
+    return lambda value: None if test(value) else message
 
 
 def _one_of(*choices: str) -> _Rule:
-    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+    return _rule(lambda value: value in choices, f"must be one of {', '.join(choices)}")
 
 
 def _known(names: Collection[str], what: str) -> _Rule:
     return lambda value: None if value in names else f"unknown {what} {value!r}"
 
 
-def _non_empty(value: str) -> str | None:
-    return None if value else "must not be empty"
-
-
-def _sha256_hex(value: str) -> str | None:
-    return None if re.fullmatch(r"[0-9a-fA-F]{64}", value) else "must be 64 hex characters"
-
-
-def _redis_url(value: str) -> str | None:
-    schemes = ("redis://", "rediss://", "unix://")
-    return None if not value or value.startswith(schemes) else "must start with redis://, rediss:// or unix://"
-
-
-def _http_url(value: str) -> str | None:
+def _is_http_url(value: str) -> bool:
     try:
         parts = urlsplit(value)
     except ValueError:
-        parts = urlsplit("")
-    return None if parts.scheme in ("http", "https") and parts.netloc else "must be an http:// or https:// URL"
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+_NON_EMPTY = _rule(bool, "must not be empty")
+_NOT_NEGATIVE = _rule(lambda value: value >= 0, "must be >= 0")
+_POSITIVE = _rule(lambda value: value > 0, "must be > 0")
+_PORT = _rule(lambda value: 0 <= value <= 65535, "must be between 0 and 65535")
+_FRACTION = _rule(lambda value: 0 < value <= 1, "must be > 0 and <= 1")
+_SHA256 = _rule(lambda value: re.fullmatch("[0-9a-fA-F]{64}", value), "must be 64 hex characters")
+_HTTP_URL = _rule(_is_http_url, "must be an http:// or https:// URL")
+_REDIS_URL = _rule(
+    lambda value: not value or value.startswith(("redis://", "rediss://", "unix://")),
+    "must be empty or start with redis://, rediss:// or unix://",
+)
+
+_SERVER: _Spec = {
+    "host": (str, _NON_EMPTY),
+    "port": (int, _PORT),
+    "admin_key": (str, None),
+    "workers": (int, _POSITIVE),
+    "max_body_bytes": (int, _POSITIVE),
+    "drain_delay_s": (float, _NOT_NEGATIVE),
+    "shutdown_grace_s": (float, _NOT_NEGATIVE),
+}
+_REDIS: _Spec = {
+    "url": (str, _REDIS_URL),
+    "timeout_ms": (int, _POSITIVE),
+    "on_error": (str, _one_of("fail_open", "fail_closed")),
+}
+_KEY: _Spec = {
+    "name": (str, _NON_EMPTY),
+    "group": (str, _NON_EMPTY),
+    "budget_tokens": (int, _POSITIVE),
+}
+_LIMITS: _Spec = dict.fromkeys(("rpm", "tpm", "concurrency"), (int, _POSITIVE))
+_MOCK: _Spec = dict.fromkeys(("latency_ms", "chunk_delay_ms"), (float, _NOT_NEGATIVE))
+_TIMEOUTS: _Spec = dict.fromkeys(
+    ("connect_s", "first_byte_s", "idle_s", "total_s"), (float, _POSITIVE)
+)
+_BREAKER: _Spec = {
+    "consecutive_failures": (int, _POSITIVE),
+    "failure_rate": (float, _FRACTION),
+    "min_requests": (int, _POSITIVE),
+    "window_s": (float, _POSITIVE),
+    "open_s": (float, _POSITIVE),
+    "max_open_s": (float, _POSITIVE),
+    "half_open_probes": (int, _POSITIVE),
+}
+_ACCOUNT: _Spec = {
+    "name": (str, _NON_EMPTY),
+    "api_key": (str, _NON_EMPTY),
+    "weight": (float, _POSITIVE),
+    "priority": (int, _NOT_NEGATIVE),
+    "max_concurrency": (int, _POSITIVE),
+}
+_MOCK_ACCOUNT: _Spec = {**_ACCOUNT, "api_key": (str, None)}
+_MODEL: _Spec = {
+    "kind": (
+        str,
+        _one_of("chat", "completion", "embedding", "image", "audio", "moderation", "rerank"),
+    ),
+    "default_max_tokens": (int, _POSITIVE),
+}
+_ROUTING: _Spec = {
+    "strategy": (str, _one_of("least_busy", "weighted_random", "round_robin")),
+    "max_attempts": (int, _POSITIVE),
+    "retry_budget": (float, _NOT_NEGATIVE),
+    "retry_min_per_s": (float, _NOT_NEGATIVE),
+}
+_STICKY: _Spec = {"enabled": (bool, None), "ttl_s": (float, _POSITIVE)}
+_LOGGING: _Spec = {
+    "level": (str, _one_of("debug", "info", "warning", "error")),
+    "access_log": (bool, None),
+}
 
 
 def _read_config(r: _Reader) -> Config:
-    server = r.section("server", _read_server)
-    redis = r.section("redis", _read_redis)
-    model_names = r.names("models")
+    server = r.scalars("server", ServerConfig(), _SERVER)
+    redis = r.scalars("redis", RedisConfig(), _REDIS)
+    models_value = r.data.get("models")
+    model_names = frozenset(models_value) if isinstance(models_value, dict) else frozenset()
     keys = r.each("keys", partial(_read_key, models=model_names), least="key")
     r.flag_repeats("keys", [key.name for key in keys], "name", "name")
     r.flag_repeats("keys", [key.key_sha256 for key in keys], "", "key")
     providers = r.named("providers", _read_provider, least="provider")
-    models = r.named(
-        "models", partial(_read_model, providers=providers.keys(), models=model_names), least="model"
-    )
+    read_model = partial(_read_model, providers=providers.keys(), models=model_names)
+    models = r.named("models", read_model, least="model")
     return Config(
         server=server,
         redis=redis,
@@ -446,180 +509,98 @@ def _read_config(r: _Reader) -> Config:
         providers=MappingProxyType(providers),
         models=MappingProxyType(models),
         routing=r.section("routing", _read_routing),
-        logging=r.section("logging", _read_logging),
-    )
-
-
-def _read_server(r: _Reader) -> ServerConfig:
-    d = ServerConfig()
-    return ServerConfig(
-        host=r.get("host", str, d.host, _non_empty),
-        port=r.get("port", int, d.port, _between(0, 65535)),
-        workers=r.get("workers", int, d.workers, _at_least(1)),
-        max_body_bytes=r.get("max_body_bytes", int, d.max_body_bytes, _at_least(1)),
-        drain_delay_s=r.get("drain_delay_s", float, d.drain_delay_s, _at_least(0)),
-        shutdown_grace_s=r.get("shutdown_grace_s", float, d.shutdown_grace_s, _at_least(0)),
-        admin_key=r.get("admin_key", str, d.admin_key),
-    )
-
-
-def _read_redis(r: _Reader) -> RedisConfig:
-    d = RedisConfig()
-    return RedisConfig(
-        url=r.get("url", str, d.url, _redis_url),
-        timeout_ms=r.get("timeout_ms", int, d.timeout_ms, _at_least(1)),
-        on_error=r.get("on_error", str, d.on_error, _one_of("fail_open", "fail_closed")),
-    )
-
-
-def _read_limits(r: _Reader) -> Limits:
-    return Limits(
-        rpm=r.get("rpm", int, None, _at_least(1)),
-        tpm=r.get("tpm", int, None, _at_least(1)),
-        concurrency=r.get("concurrency", int, None, _at_least(1)),
+        logging=r.scalars("logging", LoggingConfig(), _LOGGING),
     )
 
 
 def _read_key(r: _Reader, models: Collection[str]) -> KeyConfig:
-    d = KeyConfig(name="", key_sha256="")
-    return KeyConfig(
-        name=r.get("name", str, "", _non_empty, required=True),
+    key = r.fill(KeyConfig(name="", key_sha256=""), _KEY, required=("name",))
+    return replace(
+        key,
         key_sha256=_read_key_hash(r),
-        group=r.get("group", str, d.group, _non_empty),
         models=_frozen(r.strings("models", _known(models, "model"))),
-        limits=r.section("limits", _read_limits),
-        budget_tokens=r.get("budget_tokens", int, d.budget_tokens, _at_least(1)),
+        limits=r.scalars("limits", Limits(), _LIMITS),
     )
 
 
 def _read_key_hash(r: _Reader) -> str:
     """The key's SHA-256 hex, from `key_sha256` or computed from a plaintext `key`."""
-    if r.has("key") == r.has("key_sha256"):
+    if ("key" in r.data) == ("key_sha256" in r.data):
         r.report("", "exactly one of key and key_sha256 is required")
-    key = r.get("key", str, "", _non_empty)
-    digest = r.get("key_sha256", str, "", _sha256_hex)
+    key = r.get("key", str, "", _NON_EMPTY)
+    digest = r.get("key_sha256", str, "", _SHA256)
     return digest.lower() or (hashlib.sha256(key.encode()).hexdigest() if key else "")
 
 
 def _read_provider(name: str, r: _Reader) -> ProviderConfig:
-    d = ProviderConfig(name=name, type="")
     kind = r.get("type", str, "", _one_of("openai", "mock"), required=True)
     is_openai = kind == "openai"
-    for key in ("latency_ms", "chunk_delay_ms"):
-        if is_openai and r.has(key):
+    for key in _MOCK:
+        if is_openai and key in r.data:
             r.report(key, "only allowed for type mock")
-    base_url = r.get("base_url", str, "", _http_url, required=is_openai)
+    base_url = r.get("base_url", str, "", _HTTP_URL, required=is_openai)
     read_account = partial(_read_account, needs_key=is_openai)
     accounts = r.each("accounts", read_account, least="account" if is_openai else "")
     r.flag_repeats("accounts", [account.name for account in accounts], "name", "name")
     if kind == "mock" and not accounts:
         accounts = [AccountConfig(name="mock")]
-    return ProviderConfig(
+    provider = ProviderConfig(
         name=name,
         type=kind,
         base_url=base_url.rstrip("/"),
-        timeouts=r.section("timeouts", _read_timeouts),
+        timeouts=r.scalars("timeouts", Timeouts(), _TIMEOUTS),
         breaker=r.section("breaker", _read_breaker),
         accounts=tuple(accounts),
-        latency_ms=r.get("latency_ms", float, d.latency_ms, _at_least(0)),
-        chunk_delay_ms=r.get("chunk_delay_ms", float, d.chunk_delay_ms, _at_least(0)),
     )
+    return r.fill(provider, _MOCK)
 
 
 def _read_account(r: _Reader, needs_key: bool) -> AccountConfig:
-    d = AccountConfig(name="")
-    return AccountConfig(
-        name=r.get("name", str, "", _non_empty, required=True),
-        api_key=r.get("api_key", str, d.api_key, _non_empty if needs_key else None, needs_key),
-        weight=r.get("weight", float, d.weight, _above(0)),
-        priority=r.get("priority", int, d.priority, _at_least(0)),
-        max_concurrency=r.get("max_concurrency", int, d.max_concurrency, _at_least(1)),
-        limits=r.section("limits", _read_limits),
+    # Only a real upstream needs a key; a mock account may leave it out or empty.
+    spec, required = (_ACCOUNT, ("name", "api_key")) if needs_key else (_MOCK_ACCOUNT, ("name",))
+    account = r.fill(AccountConfig(name=""), spec, required)
+    return replace(
+        account,
+        limits=r.scalars("limits", Limits(), _LIMITS),
         groups=_frozen(r.strings("groups")),
     )
 
 
-def _read_timeouts(r: _Reader) -> Timeouts:
-    d = Timeouts()
-    return Timeouts(
-        connect_s=r.get("connect_s", float, d.connect_s, _above(0)),
-        first_byte_s=r.get("first_byte_s", float, d.first_byte_s, _above(0)),
-        idle_s=r.get("idle_s", float, d.idle_s, _above(0)),
-        total_s=r.get("total_s", float, d.total_s, _above(0)),
-    )
-
-
 def _read_breaker(r: _Reader) -> BreakerConfig:
-    d = BreakerConfig()
-    breaker = BreakerConfig(
-        consecutive_failures=r.get("consecutive_failures", int, d.consecutive_failures, _at_least(1)),
-        failure_rate=r.get("failure_rate", float, d.failure_rate, _fraction),
-        min_requests=r.get("min_requests", int, d.min_requests, _at_least(1)),
-        window_s=r.get("window_s", float, d.window_s, _above(0)),
-        open_s=r.get("open_s", float, d.open_s, _above(0)),
-        max_open_s=r.get("max_open_s", float, d.max_open_s, _above(0)),
-        half_open_probes=r.get("half_open_probes", int, d.half_open_probes, _at_least(1)),
-    )
+    breaker = r.fill(BreakerConfig(), _BREAKER)
     if breaker.max_open_s < breaker.open_s:
         r.report("max_open_s", f"must be >= open_s ({breaker.open_s:g})")
     return breaker
 
 
-def _fraction(value: float) -> str | None:
-    return None if 0 < value <= 1 else "must be > 0 and <= 1"
-
-
 def _read_model(
     name: str, r: _Reader, providers: Collection[str], models: Collection[str]
 ) -> ModelConfig:
-    d = ModelConfig(name=name)
-    kinds = ("chat", "completion", "embedding", "image", "audio", "moderation", "rerank")
-    known_model = _known(models, "model")
-    return ModelConfig(
-        name=name,
-        kind=r.get("kind", str, d.kind, _one_of(*kinds)),
-        targets=tuple(r.each("targets", partial(_read_target, model=name, providers=providers), "target")),
-        fallbacks=r.strings(
-            "fallbacks", lambda value: "must not name the model itself" if value == name else known_model(value)
-        ) or (),
-        limits=r.section("limits", _read_limits),
-        default_max_tokens=r.get("default_max_tokens", int, d.default_max_tokens, _at_least(1)),
+    model = r.fill(ModelConfig(name=name), _MODEL)
+    read_target = partial(_read_target, model=name, providers=providers)
+    return replace(
+        model,
+        targets=tuple(r.each("targets", read_target, least="target")),
+        fallbacks=r.strings("fallbacks", _other_model(name, models)) or (),
+        limits=r.scalars("limits", Limits(), _LIMITS),
     )
+
+
+def _other_model(name: str, models: Collection[str]) -> _Rule:
+    known = _known(models, "model")
+    return lambda value: "must not name the model itself" if value == name else known(value)
 
 
 def _read_target(r: _Reader, model: str, providers: Collection[str]) -> Target:
     return Target(
         provider=r.get("provider", str, "", _known(providers, "provider"), required=True),
-        model=r.get("model", str, model, _non_empty),
+        model=r.get("model", str, model, _NON_EMPTY),
     )
 
 
 def _read_routing(r: _Reader) -> RoutingConfig:
-    d = RoutingConfig()
-    strategies = ("least_busy", "weighted_random", "round_robin")
-    return RoutingConfig(
-        strategy=r.get("strategy", str, d.strategy, _one_of(*strategies)),
-        max_attempts=r.get("max_attempts", int, d.max_attempts, _at_least(1)),
-        retry_budget=r.get("retry_budget", float, d.retry_budget, _at_least(0)),
-        retry_min_per_s=r.get("retry_min_per_s", float, d.retry_min_per_s, _at_least(0)),
-        sticky=r.section("sticky", _read_sticky),
-    )
-
-
-def _read_sticky(r: _Reader) -> StickyConfig:
-    d = StickyConfig()
-    return StickyConfig(
-        enabled=r.get("enabled", bool, d.enabled),
-        ttl_s=r.get("ttl_s", float, d.ttl_s, _above(0)),
-    )
-
-
-def _read_logging(r: _Reader) -> LoggingConfig:
-    d = LoggingConfig()
-    return LoggingConfig(
-        level=r.get("level", str, d.level, _one_of("debug", "info", "warning", "error")),
-        access_log=r.get("access_log", bool, d.access_log),
-    )
+    routing = r.fill(RoutingConfig(), _ROUTING)
+    return replace(routing, sticky=r.scalars("sticky", StickyConfig(), _STICKY))
 
 
 def _frozen(values: tuple[str, ...] | None) -> frozenset[str] | None:

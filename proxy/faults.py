@@ -58,7 +58,12 @@ class Headroom:
 
 
 def classify(
-    status: int, headers: Mapping[str, str], body: bytes, now: float, *, wall_now: float | None = None
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    now: float,
+    *,
+    wall_now: float | None = None,
 ) -> Verdict:
     """Classify one answer. An HTTP-date Retry-After counts only when `wall_now` (Unix time) is
     given: `now` may be a monotonic clock, and misreading one would bench an account for a day."""
@@ -110,7 +115,8 @@ def read_headroom(headers: Mapping[str, str]) -> Headroom | None:
         if remaining == 0:
             text = headers.get(f"x-ratelimit-reset-{dimension}")
             wait = parse_duration(text) if text is not None else None
-            reset_s = max(reset_s, DEFAULT_COOLDOWN_S if wait is None else min(wait, MAX_COOLDOWN_S))
+            wait = DEFAULT_COOLDOWN_S if wait is None else min(wait, MAX_COOLDOWN_S)
+            reset_s = max(reset_s, wait)
     return Headroom(remaining_requests=requests, remaining_tokens=tokens, reset_s=reset_s)
 
 
@@ -119,7 +125,8 @@ def parse_duration(text: str) -> float | None:
     seconds. None for anything else, so a garbage header is simply not a hint."""
     text = text.strip()
     if _DURATION.fullmatch(text):
-        return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PARTS.findall(text))
+        parts = _DURATION_PARTS.findall(text)
+        return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
     return _parse_number(text, 1.0)
 
 

@@ -10,7 +10,7 @@ from proxy.breaker import SlidingWindow
 
 
 class RetryBudget:
-    """Allows a retry while retries in the window < ratio × first attempts + min_per_s × window_s."""
+    """Allows a retry while retries in the window < ratio × first attempts + min_per_s × window."""
 
     __slots__ = ("_ratio", "_floor", "_window")
 
