@@ -98,7 +98,7 @@ class Attempt:
 
 class Accounts:
     """Every account of a config. With `previous` (a reload), accounts and provider breakers that
-    still exist keep their state and identity; quarantine is lifted. `previous` is spent."""
+    still exist keep their state and identity; quarantine and disabling are lifted. `previous` is spent."""
 
     def __init__(
         self, *, config: Config, rng: random.Random, previous: Accounts | None = None
@@ -255,7 +255,8 @@ class Accounts:
         # Reuse the object: attempts in flight across the reload then settle on the live state.
         old.provider, old.config, old.provider_breaker = provider, config, provider_breaker
         old.breaker = self._breaker(provider, old.breaker)
-        old.quarantined = None
+        # A reload is how an operator says "fixed": new key, topped-up credit.
+        old.quarantined = old.disabled = None
         return old
 
     def _best_tier(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import orjson
 from aiohttp import web
@@ -165,7 +166,9 @@ async def _refused(
 ) -> tuple[Verdict, web.StreamResponse | GatewayError]:
     """A non-2xx answer: relayed when it is the caller's fault, else this attempt's error."""
     body = await _read_all(exchange, clock, MAX_ERROR_BODY)
-    verdict = classify(exchange.status, exchange.headers, body, clock.loop.time())
+    verdict = classify(
+        exchange.status, exchange.headers, body, clock.loop.time(), wall_now=time.time()
+    )
     if verdict.fault is Fault.CALLER:
         content_type = exchange.headers.get("Content-Type", "application/json")
         response = web.Response(

@@ -413,12 +413,12 @@ def test_reload_carries_state_over() -> None:
     assert new.account("p/b") is b and b.cooldown_until == 50.0 and b.inflight == 1
     assert new.account("p/gone") is None
     assert new.quarantined() == []
-    assert new.account("p/d").disabled == DISABLE.reason  # type: ignore[union-attr]
+    assert new.account("p/d").disabled is None  # type: ignore[union-attr]  # lifted like quarantine
     fresh = new.account("p/c")
     assert fresh is not None and fresh.breaker.state(1.0) is BreakerState.CLOSED
     new.finish(in_flight, OK, 2.0)  # an attempt begun before the reload settles on the live state
     assert b.inflight == 0
-    assert {chosen(new, 3.0) for _ in range(40)} == {"q", "c"}
+    assert {chosen(new, 3.0) for _ in range(40)} == {"q", "c", "d"}
 
 
 def test_snapshot_is_plain_json() -> None:
