@@ -29,10 +29,14 @@ CHAT_PATHS = ("/v1/chat/completions", "/api/v1/chat/completions", "/api/client/v
 STARTED = int(time.time())
 
 
-def build_app(config: Config, *, access_log: AccessLog | None = None) -> web.Application:
+def build_app(
+    config: Config, *, access_log: AccessLog | None = None, probe_interval_s: float = 30.0
+) -> web.Application:
     """The gateway as an aiohttp app; ready once its start-up has run."""
     app = web.Application(client_max_size=config.server.max_body_bytes)
-    app.cleanup_ctx.append(partial(_lifetime, config=config, access_log=access_log))
+    app.cleanup_ctx.append(
+        partial(_lifetime, config=config, access_log=access_log, probe_interval_s=probe_interval_s)
+    )
     for path in CHAT_PATHS:
         app.router.add_post(path, _chat)
     app.router.add_get("/v1/models", _models)
@@ -43,17 +47,26 @@ def build_app(config: Config, *, access_log: AccessLog | None = None) -> web.App
 
 
 async def _lifetime(
-    app: web.Application, *, config: Config, access_log: AccessLog | None
+    app: web.Application, *, config: Config, access_log: AccessLog | None, probe_interval_s: float
 ) -> AsyncIterator[None]:
     gateway = Gateway(config=config)
     state = ServerState(server=config.server, gateway=gateway, access_log=access_log)
     app[STATE] = state
+    prober = asyncio.create_task(_probe_quarantined(state, probe_interval_s))
     state.ready = True
     yield
     state.ready = False
+    prober.cancel()
+    await asyncio.gather(prober, return_exceptions=True)
     await state.gateway.close()
     if access_log is not None:
         access_log.flush()
+
+
+async def _probe_quarantined(state: ServerState, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        await state.gateway.probe_quarantined()
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:

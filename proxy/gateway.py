@@ -7,6 +7,7 @@ over); requests keep the Gateway they started with. Does no request handling its
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 
 from .accounts import Accounts
@@ -14,6 +15,8 @@ from .config import Config, KeyConfig, ModelConfig, ProviderConfig
 from .providers.mock import MockProvider
 from .retrybudget import RetryBudget
 from .upstream import OpenAIProvider, Provider
+
+log = logging.getLogger("llm_proxy.gateway")
 
 
 class Gateway:
@@ -47,6 +50,13 @@ class Gateway:
 
     def models_for(self, key: KeyConfig) -> list[ModelConfig]:
         return [m for m in self.models.values() if key.models is None or m.name in key.models]
+
+    async def probe_quarantined(self) -> None:
+        """Lifts the quarantine of every account whose key works again (`GET /models` answers 2xx)."""
+        for account in self.accounts.quarantined():
+            if await self.providers[account.provider.name].probe(account.config):
+                log.info("account %s answers again: quarantine lifted", account.id)
+                self.accounts.lift_quarantine(account)
 
     async def close(self) -> None:
         for provider in self.providers.values():

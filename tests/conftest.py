@@ -202,11 +202,11 @@ class Gateway:
 
 
 @pytest.fixture
-async def start_gateway(aiohttp_server: Any) -> AsyncIterator[Callable[[Config], Awaitable[Gateway]]]:
+async def start_gateway(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     started: list[Gateway] = []
 
-    async def start(config: Config) -> Gateway:
-        gateway = Gateway(await aiohttp_server(build_app(config)))
+    async def start(config: Config, **options: Any) -> Gateway:
+        gateway = Gateway(await aiohttp_server(build_app(config, **options)))
         started.append(gateway)
         return gateway
 
