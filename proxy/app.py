@@ -14,12 +14,14 @@ from functools import partial
 
 import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from . import errors
 from .accesslog import AccessLog
 from .config import Config
 from .errors import GatewayError
 from .gateway import Gateway
+from .metrics import Metrics
 from .call import Call
 from .pipeline import authenticate, bearer_token, handle_chat, render_error, request_id_of
 from .state import ServerState
@@ -30,12 +32,23 @@ STARTED = int(time.time())
 
 
 def build_app(
-    config: Config, *, access_log: AccessLog | None = None, probe_interval_s: float = 30.0
+    config: Config,
+    *,
+    access_log: AccessLog | None = None,
+    registry: CollectorRegistry | None = None,
+    probe_interval_s: float = 30.0,
 ) -> web.Application:
     """The gateway as an aiohttp app; ready once its start-up has run."""
     app = web.Application(client_max_size=config.server.max_body_bytes)
+    metrics = Metrics(registry or CollectorRegistry()) if config.logging.metrics else None
     app.cleanup_ctx.append(
-        partial(_lifetime, config=config, access_log=access_log, probe_interval_s=probe_interval_s)
+        partial(
+            _lifetime,
+            config=config,
+            access_log=access_log,
+            metrics=metrics,
+            probe_interval_s=probe_interval_s,
+        )
     )
     for path in CHAT_PATHS:
         app.router.add_post(path, _chat)
@@ -43,13 +56,19 @@ def build_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/admin/state", _admin_state)
+    app.router.add_get("/metrics", _metrics)
     return app
 
 
 async def _lifetime(
-    app: web.Application, *, config: Config, access_log: AccessLog | None, probe_interval_s: float
+    app: web.Application,
+    *,
+    config: Config,
+    access_log: AccessLog | None,
+    metrics: Metrics | None,
+    probe_interval_s: float,
 ) -> AsyncIterator[None]:
-    gateway = Gateway(config=config)
+    gateway = Gateway(config=config, metrics=metrics)
     state = ServerState(server=config.server, gateway=gateway, access_log=access_log)
     app[STATE] = state
     prober = asyncio.create_task(_probe_quarantined(state, probe_interval_s))
@@ -91,6 +110,14 @@ async def _models(request: web.Request) -> web.Response:
         for model in state.gateway.models_for(call.key)
     ]
     return _json(request, {"object": "list", "data": data})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    gateway = request.app[STATE].gateway
+    if gateway.metrics is None:
+        return web.Response(status=404, text="metrics are disabled (logging.metrics: false)\n")
+    gateway.refresh_metrics(asyncio.get_running_loop().time())
+    return web.Response(body=generate_latest(gateway.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _healthz(request: web.Request) -> web.Response:

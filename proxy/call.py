@@ -38,6 +38,7 @@ class Call:
         "first_byte_at",
         "upstream_s",
         "ended_by_shutdown",
+        "last_outcome",
         "_forwarded",
     )
 
@@ -61,6 +62,7 @@ class Call:
         self.first_byte_at: float | None = None
         self.upstream_s = 0.0
         self.ended_by_shutdown = False
+        self.last_outcome = ""
         self._forwarded: dict[str, tuple[bytes, dict[str, Any]]] = {}
 
     def upstream_request(self, upstream_model: str) -> tuple[bytes, dict[str, Any]]:

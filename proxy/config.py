@@ -132,6 +132,8 @@ class RoutingConfig:
 class LoggingConfig:
     level: str = "info"  # debug | info | warning | error
     access_log: bool = True
+    metrics: bool = True  # off only to measure what metrics cost
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +490,7 @@ _STICKY: _Spec = {"enabled": (bool, None), "ttl_s": (float, _POSITIVE)}
 _LOGGING: _Spec = {
     "level": (str, _one_of("debug", "info", "warning", "error")),
     "access_log": (bool, None),
+    "metrics": (bool, None),
 }
 
 

@@ -20,6 +20,7 @@ from .call import Call
 from .config import ModelConfig, Timeouts
 from .errors import GatewayError
 from .faults import Fault, Verdict, classify
+from .metrics import Metrics
 from .streaming import SseScanner
 from .upstream import Exchange, UpstreamFailure
 
@@ -71,6 +72,7 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
     failure: GatewayError | None = None
     breaker_retry_at: float | None = None
     for model in _route(call.model, gateway.models):
+        first_on_model = True
         while call.attempts < max_attempts:
             now = loop.time()
             choice = gateway.accounts.choose(
@@ -83,9 +85,12 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
             if call.attempts == 0:
                 gateway.retry_budget.record_first(now)
             elif not gateway.retry_budget.try_retry(now):
-                log.warning("retry refused by the retry budget", extra={"request_id": call.request_id})
+                log.warning("retry refused by the retry budget (request %s)", call.request_id)
                 assert failure is not None
                 raise failure
+            if gateway.metrics is not None:
+                _count_retry_and_fallback(gateway.metrics, call, model, first_on_model)
+            first_on_model = False
             result = await _attempt(call, request, choice)
             if not isinstance(result, GatewayError):
                 return result
@@ -95,6 +100,14 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
     if breaker_retry_at is not None:
         raise errors.circuit_open(breaker_retry_at - loop.time())
     raise errors.no_account_available()
+
+
+def _count_retry_and_fallback(metrics: Metrics, call: Call, model: ModelConfig, first_on_model: bool) -> None:
+    if call.attempts:
+        metrics.retries((call.provider or "", call.last_outcome)).inc()
+    if first_on_model and model is not call.model:
+        assert call.model is not None
+        metrics.fallbacks((call.model.name, model.name)).inc()
 
 
 def _route(model: ModelConfig, models: dict[str, ModelConfig]) -> list[ModelConfig]:
@@ -113,6 +126,7 @@ async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.Stre
     body, data = call.upstream_request(attempt.target.model)
     clock = Clock(provider.config.timeouts)
     verdict: Verdict | None = None
+    result: web.StreamResponse | GatewayError | None = None
     exchange: Exchange | None = None
     started = loop.time()
     try:
@@ -129,25 +143,48 @@ async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.Stre
                 scanner = SseScanner(strip_usage=not call.chat.usage_requested)
                 first = await _first_event(exchange, clock, scanner)
         except TimeoutError:
-            verdict = TRANSIENT
-            return _failed(call, clock.expired())
+            verdict, result = TRANSIENT, _failed(call, clock.expired())
+            return result
         except UpstreamFailure as exc:
-            verdict = TRANSIENT
-            if exc.kind == "connect":
-                return _failed(call, errors.upstream_unreachable(), exc.detail)
-            return _failed(call, errors.bad_upstream_response(exc.detail))
+            error = errors.upstream_unreachable() if exc.kind == "connect" else errors.bad_upstream_response(exc.detail)
+            verdict, result = TRANSIENT, _failed(call, error, exc.detail)
+            return result
         call.first_byte_at = loop.time()
-        response = await _open_sse(call, request)
-        verdict = await _pump(call, response, exchange, clock, scanner, first)
-        return response
+        result = await _open_sse(call, request)
+        verdict = await _pump(call, result, exchange, clock, scanner, first)
+        return result
     finally:
-        call.upstream_s += loop.time() - started
+        now = loop.time()
+        call.upstream_s += now - started
         if exchange is not None:
             exchange.close()
         headers = exchange.headers if exchange is not None else None
-        gateway.accounts.finish(
-            attempt, verdict or SUCCESS, loop.time(), cancelled=verdict is None, headers=headers
-        )
+        gateway.accounts.finish(attempt, verdict or SUCCESS, now, cancelled=verdict is None, headers=headers)
+        call.last_outcome = _outcome(verdict, result, call)
+        if gateway.metrics is not None:
+            gateway.metrics.record_attempt(
+                provider=call.provider, account=call.account, outcome=call.last_outcome, duration_s=now - started
+            )
+
+
+_OUTCOMES = {
+    Fault.NONE: "success",
+    Fault.CALLER: "caller_error",
+    Fault.QUARANTINE: "auth_error",
+    Fault.DISABLE: "quota_exhausted",
+    Fault.COOLDOWN: "rate_limited",
+}
+_TRANSIENT_OUTCOMES = {"upstream_unreachable": "connect_error", "upstream_timeout": "timeout"}
+
+
+def _outcome(verdict: Verdict | None, result: object, call: Call) -> str:
+    """A bounded label for how an attempt ended."""
+    if verdict is None:
+        return "cancelled"
+    if verdict.fault is not Fault.TRANSIENT:
+        return _OUTCOMES[verdict.fault]
+    code = result.code if isinstance(result, GatewayError) else call.error_type
+    return _TRANSIENT_OUTCOMES.get(code or "", "bad_response")
 
 
 def _failed(call: Call, error: GatewayError, detail: str = "") -> GatewayError:
@@ -265,7 +302,7 @@ async def _pump(
                 if out := scanner.feed(chunk):
                     await response.write(out)
         if not scanner.done:
-            error = errors.bad_upstream_response("stream ended before [DONE]")
+            error = errors.bad_upstream_response("stream ended before it was complete")
     except TimeoutError:
         error = clock.expired()
     except UpstreamFailure as exc:

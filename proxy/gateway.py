@@ -12,6 +12,7 @@ import random
 
 from .accounts import Accounts
 from .config import Config, KeyConfig, ModelConfig, ProviderConfig
+from .metrics import Metrics
 from .providers.mock import MockProvider
 from .retrybudget import RetryBudget
 from .upstream import OpenAIProvider, Provider
@@ -20,8 +21,11 @@ log = logging.getLogger("llm_proxy.gateway")
 
 
 class Gateway:
-    def __init__(self, *, config: Config, previous: Gateway | None = None) -> None:
+    def __init__(
+        self, *, config: Config, metrics: Metrics | None = None, previous: Gateway | None = None
+    ) -> None:
         self.config = config
+        self.metrics = metrics
         self.keys: dict[str, KeyConfig] = {key.key_sha256: key for key in config.keys}
         self.models: dict[str, ModelConfig] = dict(config.models)
         self.accounts = Accounts(
@@ -57,6 +61,17 @@ class Gateway:
             if await self.providers[account.provider.name].probe(account.config):
                 log.info("account %s answers again: quarantine lifted", account.id)
                 self.accounts.lift_quarantine(account)
+
+    def refresh_metrics(self, now: float) -> None:
+        if self.metrics is None:
+            return
+        accounts = self.accounts.accounts
+        self.metrics.refresh_state(
+            inflight=[(a.provider.name, a.config.name, a.inflight) for a in accounts],
+            breakers=[(p, a, int(state)) for p, a, state in self.accounts.breaker_states(now)],
+            available=[(p, a, 1 if ok else 0) for p, a, ok in self.accounts.availability(now)],
+            redis_degraded=False,
+        )
 
     async def close(self) -> None:
         for provider in self.providers.values():

@@ -16,6 +16,7 @@ from . import errors
 from .call import Call
 from .errors import GatewayError
 from .forward import forward
+from .metrics import Metrics
 from .state import ServerState
 from .validation import parse_chat_request
 
@@ -107,11 +108,14 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
     """Accounts for the finished request: the access log line (never a key or content)."""
     if not call.status and response is not None:
         call.status = response.status
+    loop = asyncio.get_running_loop()
+    duration = loop.time() - call.started
+    ttft = call.first_byte_at - call.started if call.first_byte_at is not None else None
+    if call.gateway.metrics is not None:
+        _record_metrics(call, call.gateway.metrics, duration, ttft)
     if state.access_log is None:
         return
-    loop = asyncio.get_running_loop()
     chat = call.chat
-    ttft = call.first_byte_at - call.started if call.first_byte_at is not None else None
     state.access_log.write(
         {
             "request_id": call.request_id,
@@ -125,10 +129,23 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
             "prompt_tokens": call.prompt_tokens,
             "completion_tokens": call.completion_tokens,
             "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
-            "duration_ms": round((loop.time() - call.started) * 1000, 3),
+            "duration_ms": round(duration * 1000, 3),
             "stream": chat.stream if chat is not None else False,
         }
     )
+
+
+def _record_metrics(call: Call, metrics: Metrics, duration: float, ttft: float | None) -> None:
+    model = call.model.name if call.model is not None else "unknown"
+    key = call.key.name if call.key is not None else "unknown"
+    stream = call.chat is not None and call.chat.stream
+    metrics.record_request(
+        model=model, key=key, status=call.status, error_type=call.error_type or "",
+        stream=stream, duration_s=duration, upstream_s=call.upstream_s,
+    )
+    metrics.record_tokens(model=model, key=key, prompt=call.prompt_tokens, completion=call.completion_tokens)
+    if ttft is not None:
+        metrics.ttft((model, call.provider or "")).observe(ttft)
 
 
 def bearer_token(request: web.Request) -> str:
