@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from . import errors
 from .accesslog import AccessLog
@@ -25,6 +26,8 @@ from .metrics import Metrics
 from .call import Call
 from .pipeline import authenticate, bearer_token, handle_chat, render_error, request_id_of
 from .state import ServerState
+
+log = logging.getLogger("llm_proxy.app")
 
 STATE = web.AppKey("state", ServerState)
 CHAT_PATHS = ("/v1/chat/completions", "/api/v1/chat/completions", "/api/client/v1/chat/completions")
@@ -71,21 +74,33 @@ async def _lifetime(
     gateway = Gateway(config=config, metrics=metrics)
     state = ServerState(server=config.server, gateway=gateway, access_log=access_log)
     app[STATE] = state
-    prober = asyncio.create_task(_probe_quarantined(state, probe_interval_s))
+    chores = [
+        asyncio.create_task(_every(probe_interval_s, lambda: state.gateway.probe_quarantined())),
+        asyncio.create_task(_every(1.0, lambda: _refresh_metrics(state))),
+    ]
     state.ready = True
     yield
     state.ready = False
-    prober.cancel()
-    await asyncio.gather(prober, return_exceptions=True)
+    for chore in chores:
+        chore.cancel()
+    await asyncio.gather(*chores, return_exceptions=True)
     await state.gateway.close()
     if access_log is not None:
         access_log.flush()
 
 
-async def _probe_quarantined(state: ServerState, interval_s: float) -> None:
+async def _every(interval_s: float, chore: Callable[[], Awaitable[None]]) -> None:
     while True:
         await asyncio.sleep(interval_s)
-        await state.gateway.probe_quarantined()
+        try:
+            await chore()
+        except Exception:
+            log.exception("background chore failed; it runs again in %gs", interval_s)
+
+
+async def _refresh_metrics(state: ServerState) -> None:
+    """Keeps state gauges fresh in every worker, since a scrape reaches only one of them."""
+    state.gateway.refresh_metrics(asyncio.get_running_loop().time())
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
@@ -117,7 +132,7 @@ async def _metrics(request: web.Request) -> web.Response:
     if gateway.metrics is None:
         return web.Response(status=404, text="metrics are disabled (logging.metrics: false)\n")
     gateway.refresh_metrics(asyncio.get_running_loop().time())
-    return web.Response(body=generate_latest(gateway.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=gateway.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ import os
 import sys
 
 from .config import Config, ConfigError, load_config
+from .supervisor import WORKER_ENV, supervise
 
 EXIT_CONFIG = 2
 
@@ -62,12 +63,15 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _report(path, exc)
         return EXIT_CONFIG
-    if config.server.workers > 1:
-        print("llm-proxy: server.workers > 1 is not supported yet; run one process per core", file=sys.stderr)
-        return EXIT_CONFIG
+    worker_of = os.environ.get(WORKER_ENV)
+    if worker_of is None and config.server.workers > 1:
+        if config.server.port == 0:
+            print("llm-proxy: workers > 1 need a fixed port, not 0", file=sys.stderr)
+            return EXIT_CONFIG
+        return supervise(config, path=path)
     from .server import serve  # imported late: check-config and hash-key need no event loop
 
-    return serve(config)
+    return serve(config, path=path, reuse_port=worker_of is not None)
 
 
 def _with_overrides(config: Config, args: argparse.Namespace) -> Config:

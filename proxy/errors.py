@@ -175,3 +175,34 @@ def internal_error() -> GatewayError:
     return GatewayError(
         500, "server_error", "internal_error", "The gateway failed to handle this request."
     )
+
+
+def rate_limited(param: str, retry_after_s: float) -> GatewayError:
+    """A key/model/account bucket is empty; `param` is `<scope>.<dimension>`, e.g. `key.rpm`."""
+    return GatewayError(
+        429,
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        f"Rate limit exceeded ({param}); retry after {max(1, math.ceil(retry_after_s))}s.",
+        param=param,
+        retry_after_s=retry_after_s,
+    )
+
+
+def budget_exhausted() -> GatewayError:
+    return GatewayError(
+        402,
+        "insufficient_quota",
+        "budget_exhausted",
+        "This API key has used up its token budget.",
+    )
+
+
+def ratelimit_unavailable() -> GatewayError:
+    return GatewayError(
+        503,
+        "service_unavailable",
+        "ratelimit_unavailable",
+        "Rate limits cannot be checked right now; retry shortly.",
+        retry_after_s=1,
+    )

@@ -45,9 +45,11 @@ class Gateway:
             name: old[name] if name in old and old[name].config == provider else _build(provider)
             for name, provider in config.providers.items()
         }
-        self.retired: list[Provider] = [
-            p for name, p in old.items() if self.providers.get(name) is not p
-        ]
+
+    def retired_from(self, old: Gateway) -> list[Provider]:
+        """The providers of `old` this Gateway no longer uses."""
+        kept = {id(provider) for provider in self.providers.values()}
+        return [provider for provider in old.providers.values() if id(provider) not in kept]
 
     def authenticate(self, token: str) -> KeyConfig | None:
         return self.keys.get(hashlib.sha256(token.encode()).hexdigest())

@@ -7,10 +7,11 @@ children are cached per label tuple, so recording is a dict lookup and an add. S
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 # LLM latencies: sub-millisecond gateway overhead up to ten-minute generations.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -67,21 +68,32 @@ class Metrics:
             "llm_proxy_fallbacks_total", "Requests served by trying a fallback model.",
             ("model", "fallback"), registry=registry,
         ))
+        # With several workers (multiprocess mode) each holds its own breakers and in-flight
+        # counts: in-flight adds up, a breaker shows its worst state, availability its best.
         self._inflight = Gauge(
             "llm_proxy_inflight_requests", "Upstream requests in flight per account.",
-            ("provider", "account"), registry=registry,
+            ("provider", "account"), registry=registry, multiprocess_mode="livesum",
         )
         self._breaker = Gauge(
             "llm_proxy_breaker_state", "0 closed, 1 half-open, 2 open; account=\"*\" is the provider's.",
-            ("provider", "account"), registry=registry,
+            ("provider", "account"), registry=registry, multiprocess_mode="livemax",
         )
         self._available = Gauge(
             "llm_proxy_account_available", "1 when the account could take a request now.",
-            ("provider", "account"), registry=registry,
+            ("provider", "account"), registry=registry, multiprocess_mode="livemax",
         )
         self._redis_degraded = Gauge(
-            "llm_proxy_redis_degraded", "1 while Redis is unreachable.", registry=registry
+            "llm_proxy_redis_degraded", "1 while Redis is unreachable.", registry=registry,
+            multiprocess_mode="livemax",
         )
+
+    def exposition(self) -> bytes:
+        """The text format; under several workers, the sum over all of them."""
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
     def record_request(
         self, *, model: str, key: str, status: int, error_type: str, stream: bool,

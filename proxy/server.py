@@ -8,6 +8,7 @@ left is ended (streams with an error event) and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 
@@ -16,27 +17,30 @@ from aiohttp import web
 
 from .accesslog import AccessLog
 from .app import STATE, build_app
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .state import ServerState
 
 log = logging.getLogger("llm_proxy.server")
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, *, path: str, reuse_port: bool = False) -> int:
+    """Runs one gateway process until SIGTERM/SIGINT; SIGHUP reloads `path`."""
     logging.basicConfig(
         level=config.logging.level.upper(),
-        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}',
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
-    uvloop.run(_serve(config))
+    uvloop.run(_serve(config, path=path, reuse_port=reuse_port))
     return 0
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, *, path: str, reuse_port: bool) -> None:
     access_log = AccessLog() if config.logging.access_log else None
     app = build_app(config, access_log=access_log)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=2048)
+    site = web.TCPSite(
+        runner, config.server.host, config.server.port, backlog=2048, reuse_port=reuse_port or None
+    )
     await site.start()
     for address in runner.addresses:
         log.info("listening on %s", address)
@@ -44,7 +48,7 @@ async def _serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload_unsupported)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(app[STATE], path))
     try:
         await stop.wait()
         await drain(app[STATE])
@@ -53,8 +57,21 @@ async def _serve(config: Config) -> None:
     log.info("stopped")
 
 
-def _reload_unsupported() -> None:
-    log.warning("SIGHUP received: config reload is not supported yet; restart to apply changes")
+def reload(state: ServerState, path: str) -> None:
+    """SIGHUP: serve the file's new config, or keep the old one when the new one is invalid."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        log.error("reload refused, still serving the previous config: %s", "; ".join(exc.problems))
+        return
+    current = state.gateway.config
+    for section in ("server", "redis"):
+        if getattr(config, section) != getattr(current, section):
+            log.warning("reload: `%s` changed; it takes effect only after a restart", section)
+    config = dataclasses.replace(config, server=current.server, redis=current.redis)
+    old = state.swap(config)
+    state.spawn(state.retire(old))
+    log.info("reloaded %s", path)
 
 
 async def drain(state: ServerState) -> None:

@@ -29,6 +29,8 @@ from proxy.config import (
     Timeouts,
 )
 
+from .processes import serve  # noqa: F401  (fixture: real gateway processes)
+
 KEY = "sk-test-team-a"
 OTHER_KEY = "sk-test-team-b"
 
@@ -225,3 +227,4 @@ async def gateway(start_gateway: Callable[[Config], Awaitable[Gateway]], upstrea
 async def http() -> AsyncIterator[Any]:
     async with aiohttp.ClientSession() as session:
         yield session
+
