@@ -23,6 +23,8 @@ from .config import Config
 from .errors import GatewayError
 from .gateway import Gateway
 from .metrics import Metrics
+from .ratelimit import Limiter, LocalLimiter
+from .redislimits import RedisLimiter
 from .call import Call
 from .pipeline import authenticate, bearer_token, handle_chat, render_error, request_id_of
 from .state import ServerState
@@ -40,6 +42,7 @@ def build_app(
     access_log: AccessLog | None = None,
     registry: CollectorRegistry | None = None,
     probe_interval_s: float = 30.0,
+    workers: int = 1,
 ) -> web.Application:
     """The gateway as an aiohttp app; ready once its start-up has run."""
     app = web.Application(client_max_size=config.server.max_body_bytes)
@@ -51,6 +54,7 @@ def build_app(
             access_log=access_log,
             metrics=metrics,
             probe_interval_s=probe_interval_s,
+            workers=workers,
         )
     )
     for path in CHAT_PATHS:
@@ -70,8 +74,16 @@ async def _lifetime(
     access_log: AccessLog | None,
     metrics: Metrics | None,
     probe_interval_s: float,
+    workers: int,
 ) -> AsyncIterator[None]:
-    gateway = Gateway(config=config, metrics=metrics)
+    limiter: Limiter
+    if config.redis.url:
+        limiter, divisor = RedisLimiter(config=config.redis), 1
+    else:
+        # each worker holds its own in-process buckets: a share of every limit
+        limiter, divisor = LocalLimiter(), workers
+    await limiter.start()
+    gateway = Gateway(config=config, limiter=limiter, divisor=divisor, metrics=metrics)
     state = ServerState(server=config.server, gateway=gateway, access_log=access_log)
     app[STATE] = state
     chores = [
@@ -84,6 +96,7 @@ async def _lifetime(
     for chore in chores:
         chore.cancel()
     await asyncio.gather(*chores, return_exceptions=True)
+    await limiter.close()
     await state.gateway.close()
     if access_log is not None:
         access_log.flush()

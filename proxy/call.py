@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .config import KeyConfig, ModelConfig
+from .ratelimit import Grant
 from .validation import ChatRequest
 
 if TYPE_CHECKING:
@@ -39,6 +40,9 @@ class Call:
         "upstream_s",
         "ended_by_shutdown",
         "last_outcome",
+        "extra_headers",
+        "grants",
+        "reserved",
         "_forwarded",
     )
 
@@ -63,7 +67,17 @@ class Call:
         self.upstream_s = 0.0
         self.ended_by_shutdown = False
         self.last_outcome = ""
+        self.extra_headers: dict[str, str] = {}  # rate-limit headers, on every answer
+        self.grants: list[Grant] = []  # limiter holdings, settled once at the end
+        self.reserved = 0  # tokens reserved at admission
         self._forwarded: dict[str, tuple[bytes, dict[str, Any]]] = {}
+
+    def response_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """`headers` plus what every answer carries: the request id and rate-limit state."""
+        headers["x-request-id"] = self.request_id
+        if self.extra_headers:
+            headers.update(self.extra_headers)
+        return headers
 
     def upstream_request(self, upstream_model: str) -> tuple[bytes, dict[str, Any]]:
         """The body to send for `upstream_model`: the client's bytes unless something must change.

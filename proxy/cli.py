@@ -71,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         return supervise(config, path=path)
     from .server import serve  # imported late: check-config and hash-key need no event loop
 
-    return serve(config, path=path, reuse_port=worker_of is not None)
+    return serve(config, path=path, workers=int(worker_of or 1))
 
 
 def _with_overrides(config: Config, args: argparse.Namespace) -> Config:

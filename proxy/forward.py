@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import errors
 from .accounts import Attempt, Choice
+from .admission import admit_account
 from .call import Call
 from .config import ModelConfig, Timeouts
 from .errors import GatewayError
@@ -82,6 +83,9 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
                 if choice.breaker_blocked and choice.retry_at is not None:
                     breaker_retry_at = min(breaker_retry_at or choice.retry_at, choice.retry_at)
                 break
+            if not await admit_account(call, choice.account.id):
+                call.tried.append(choice.account)  # its own limit is spent: another account serves
+                continue
             if call.attempts == 0:
                 gateway.retry_budget.record_first(now)
             elif not gateway.retry_budget.try_retry(now):
@@ -211,7 +215,7 @@ async def _refused(
         response = web.Response(
             status=exchange.status,
             body=body,
-            headers={"Content-Type": content_type, "x-request-id": call.request_id},
+            headers=call.response_headers({"Content-Type": content_type}),
         )
         return verdict, response
     if verdict.fault is Fault.TRANSIENT:
@@ -249,7 +253,7 @@ async def _relay_json(
     assert call.chat is not None
     if call.chat.request_id is not None:
         body = _with_request_id(body, call.chat.request_id)
-    headers = {"Content-Type": "application/json", "x-request-id": call.request_id}
+    headers = call.response_headers({"Content-Type": "application/json"})
     return SUCCESS, web.Response(body=body, headers=headers)
 
 
@@ -273,12 +277,9 @@ async def _first_event(exchange: Exchange, clock: Clock, scanner: SseScanner) ->
 
 async def _open_sse(call: Call, request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-            "x-request-id": call.request_id,
-        }
+        headers=call.response_headers(
+            {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
     )
     await response.prepare(request)
     return response

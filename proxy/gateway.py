@@ -11,9 +11,11 @@ import logging
 import random
 
 from .accounts import Accounts
+from .admission import BucketTables
 from .config import Config, KeyConfig, ModelConfig, ProviderConfig
 from .metrics import Metrics
 from .providers.mock import MockProvider
+from .ratelimit import Limiter
 from .retrybudget import RetryBudget
 from .upstream import OpenAIProvider, Provider
 
@@ -22,10 +24,19 @@ log = logging.getLogger("llm_proxy.gateway")
 
 class Gateway:
     def __init__(
-        self, *, config: Config, metrics: Metrics | None = None, previous: Gateway | None = None
+        self,
+        *,
+        config: Config,
+        limiter: Limiter,
+        divisor: int = 1,
+        metrics: Metrics | None = None,
+        previous: Gateway | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        self.limiter = limiter
+        self.divisor = divisor
+        self.buckets = BucketTables(config, divisor)
         self.keys: dict[str, KeyConfig] = {key.key_sha256: key for key in config.keys}
         self.models: dict[str, ModelConfig] = dict(config.models)
         self.accounts = Accounts(
@@ -72,7 +83,7 @@ class Gateway:
             inflight=[(a.provider.name, a.config.name, a.inflight) for a in accounts],
             breakers=[(p, a, int(state)) for p, a, state in self.accounts.breaker_states(now)],
             available=[(p, a, 1 if ok else 0) for p, a, ok in self.accounts.availability(now)],
-            redis_degraded=False,
+            redis_degraded=self.limiter.degraded,
         )
 
     async def close(self) -> None:

@@ -1,6 +1,7 @@
 """The request path of `POST /v1/chat/completions`, top to bottom in one place.
 
-authenticate → read body → validate → authorize → forward (failover, relay) → settle.
+authenticate → read body → validate → authorize → admit (limits, budget) → forward (schedule,
+failover, relay) → settle (limits, metrics, access log).
 Each stage fills fields of the `Call` or raises `GatewayError`; errors are rendered here, once.
 """
 
@@ -13,6 +14,8 @@ import os
 from aiohttp import web
 
 from . import errors
+from .admission import admit
+from .admission import settle as release
 from .call import Call
 from .errors import GatewayError
 from .forward import forward
@@ -37,6 +40,7 @@ async def handle_chat(request: web.Request, state: ServerState) -> web.StreamRes
         call.body = await read_body(request, state.server.max_body_bytes)
         validate(call, request)
         authorize(call)
+        await admit(call)
         response = await forward(call, request)
         return response
     except GatewayError as exc:
@@ -97,8 +101,7 @@ def authorize(call: Call) -> None:
 def render_error(call: Call, error: GatewayError) -> web.Response:
     call.status = error.status
     call.error_type = error.code
-    headers = error.headers()
-    headers["x-request-id"] = call.request_id
+    headers = call.response_headers(error.headers())
     return web.Response(
         status=error.status, body=error.body(), content_type="application/json", headers=headers
     )
@@ -108,6 +111,7 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
     """Accounts for the finished request: the access log line (never a key or content)."""
     if not call.status and response is not None:
         call.status = response.status
+    release(call)
     loop = asyncio.get_running_loop()
     duration = loop.time() - call.started
     ttft = call.first_byte_at - call.started if call.first_byte_at is not None else None

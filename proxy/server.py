@@ -23,23 +23,24 @@ from .state import ServerState
 log = logging.getLogger("llm_proxy.server")
 
 
-def serve(config: Config, *, path: str, reuse_port: bool = False) -> int:
+def serve(config: Config, *, path: str, workers: int = 1) -> int:
     """Runs one gateway process until SIGTERM/SIGINT; SIGHUP reloads `path`."""
     logging.basicConfig(
         level=config.logging.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
-    uvloop.run(_serve(config, path=path, reuse_port=reuse_port))
+    uvloop.run(_serve(config, path=path, workers=workers))
     return 0
 
 
-async def _serve(config: Config, *, path: str, reuse_port: bool) -> None:
+async def _serve(config: Config, *, path: str, workers: int) -> None:
+    """`workers` > 1: this process is one of that many sharing the port."""
     access_log = AccessLog() if config.logging.access_log else None
-    app = build_app(config, access_log=access_log)
+    app = build_app(config, access_log=access_log, workers=workers)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(
-        runner, config.server.host, config.server.port, backlog=2048, reuse_port=reuse_port or None
+        runner, config.server.host, config.server.port, backlog=2048, reuse_port=workers > 1 or None
     )
     await site.start()
     for address in runner.addresses:

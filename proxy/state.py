@@ -48,7 +48,9 @@ class ServerState:
         Returns the previous Gateway, whose retired providers `retire` closes once unused.
         """
         old = self.gateway
-        self.gateway = Gateway(config=config, metrics=old.metrics, previous=old)
+        self.gateway = Gateway(
+            config=config, limiter=old.limiter, divisor=old.divisor, metrics=old.metrics, previous=old
+        )
         return old
 
     async def retire(self, old: Gateway, *, poll_s: float = 1.0, limit_s: float = 3600.0) -> None:
