@@ -49,7 +49,7 @@ class Call:
     def __init__(self, *, gateway: Gateway, request_id: str, started: float) -> None:
         self.gateway = gateway
         self.request_id = request_id
-        self.started = started
+        self.started = started  # time.perf_counter(): every duration of a call is measured on it
         self.key: KeyConfig | None = None
         self.chat: ChatRequest | None = None
         self.model: ModelConfig | None = None

@@ -132,7 +132,7 @@ async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.Stre
     verdict: Verdict | None = None
     result: web.StreamResponse | GatewayError | None = None
     exchange: Exchange | None = None
-    started = loop.time()
+    started = time.perf_counter()
     try:
         try:
             async with clock.timer:
@@ -153,21 +153,27 @@ async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.Stre
             error = errors.upstream_unreachable() if exc.kind == "connect" else errors.bad_upstream_response(exc.detail)
             verdict, result = TRANSIENT, _failed(call, error, exc.detail)
             return result
-        call.first_byte_at = loop.time()
-        result = await _open_sse(call, request)
+        call.first_byte_at = time.perf_counter()
+        try:
+            result = await _open_sse(call, request)
+        except ConnectionResetError:
+            # the client left before its first byte: end the request as a cancelled one
+            raise asyncio.CancelledError from None
         verdict = await _pump(call, result, exchange, clock, scanner, first)
         return result
     finally:
-        now = loop.time()
-        call.upstream_s += now - started
+        elapsed = time.perf_counter() - started
+        call.upstream_s += elapsed
         if exchange is not None:
             exchange.close()
         headers = exchange.headers if exchange is not None else None
-        gateway.accounts.finish(attempt, verdict or SUCCESS, now, cancelled=verdict is None, headers=headers)
+        gateway.accounts.finish(
+            attempt, verdict or SUCCESS, loop.time(), cancelled=verdict is None, headers=headers
+        )
         call.last_outcome = _outcome(verdict, result, call)
         if gateway.metrics is not None:
             gateway.metrics.record_attempt(
-                provider=call.provider, account=call.account, outcome=call.last_outcome, duration_s=now - started
+                provider=call.provider, account=call.account, outcome=call.last_outcome, duration_s=elapsed
             )
 
 
@@ -249,7 +255,7 @@ async def _relay_json(
     if type(parsed) is not dict:
         return TRANSIENT, _failed(call, errors.bad_upstream_response("answer is not a JSON object"))
     call.record_usage(parsed.get("usage"))
-    call.first_byte_at = clock.loop.time()
+    call.first_byte_at = time.perf_counter()
     assert call.chat is not None
     if call.chat.request_id is not None:
         body = _with_request_id(body, call.chat.request_id)

@@ -21,6 +21,11 @@ OVERHEAD_BUCKETS = (
 )
 
 StateRow = tuple[str, str, float]
+REJECTION_SERIES = (
+    ("key", ("rpm", "tpm", "concurrency", "budget")),
+    ("model", ("rpm", "tpm", "concurrency")),
+    ("account", ("rpm", "tpm", "concurrency")),
+)
 
 
 class Metrics:
@@ -82,6 +87,10 @@ class Metrics:
             "llm_proxy_account_available", "1 when the account could take a request now.",
             ("provider", "account"), registry=registry, multiprocess_mode="livemax",
         )
+        self._shown: dict[Gauge, set[tuple[str, str]]] = {}
+        for scope, dimensions in REJECTION_SERIES:
+            for dimension in dimensions:  # present at 0 from the start, so rate() has data
+                self.rejections((scope, dimension))
         self._redis_degraded = Gauge(
             "llm_proxy_redis_degraded", "1 while Redis is unreachable.", registry=registry,
             multiprocess_mode="livemax",
@@ -119,8 +128,13 @@ class Metrics:
     ) -> None:
         """Sets the state gauges from a snapshot of the live state (cheap; runs per scrape)."""
         for gauge, rows in ((self._inflight, inflight), (self._breaker, breakers), (self._available, available)):
+            seen = set()
             for provider, account, value in rows:
                 gauge.labels(provider, account).set(value)
+                seen.add((provider, account))
+            for gone in self._shown.get(gauge, set()) - seen:  # accounts a reload removed
+                gauge.remove(*gone)
+            self._shown[gauge] = seen
         self._redis_degraded.set(1 if redis_degraded else 0)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from aiohttp import web
 
@@ -27,8 +28,7 @@ log = logging.getLogger("llm_proxy.pipeline")
 
 
 async def handle_chat(request: web.Request, state: ServerState) -> web.StreamResponse:
-    loop = asyncio.get_running_loop()
-    call = Call(gateway=state.gateway, request_id=request_id_of(request), started=loop.time())
+    call = Call(gateway=state.gateway, request_id=request_id_of(request), started=time.perf_counter())
     task = asyncio.current_task()
     assert task is not None
     state.enter(task, call)
@@ -112,8 +112,7 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
     if not call.status and response is not None:
         call.status = response.status
     release(call)
-    loop = asyncio.get_running_loop()
-    duration = loop.time() - call.started
+    duration = time.perf_counter() - call.started
     ttft = call.first_byte_at - call.started if call.first_byte_at is not None else None
     if call.gateway.metrics is not None:
         _record_metrics(call, call.gateway.metrics, duration, ttft)

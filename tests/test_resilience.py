@@ -750,11 +750,6 @@ async def read_line(fd: int) -> bytes:
     return line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forward._attempt does not catch ConnectionResetError from _open_sse: a client gone "
-    "before the first event is logged as an unexpected error and recorded as 500 internal_error",
-)
 async def test_client_leaving_before_the_first_event_is_499_not_an_internal_error(
     make_upstream: Any,
 ) -> None:
