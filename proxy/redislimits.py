@@ -166,10 +166,7 @@ class RedisLimiter:
         if self._closed:
             return
         self._closed = True
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop(list(self._tasks.values()))
         self._abandon(self._waiters)
         self._waiters = []
         if not self._degraded:
@@ -225,12 +222,12 @@ class RedisLimiter:
         self._tasks[name] = self._running_loop().create_task(work)
 
     async def _every(self, period_s: float, work: Callable[[], Awaitable[None]]) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(period_s)
             await work()
 
     async def _flush_forever(self, wake: asyncio.Event) -> None:
-        while True:
+        while not self._closed:
             await wake.wait()
             wake.clear()
             await self._drain()
@@ -311,9 +308,12 @@ class RedisLimiter:
         return result
 
     def _degrade(self, exc: BaseException) -> None:
-        if self._degraded or self._closed:
+        if self._degraded:
             return
         self._degraded = True
+        if self._closed:  # shutting down: stop sending, nothing to probe for
+            log.warning("redis unreachable at shutdown (%r); pending settlements are lost", exc)
+            return
         mode = "fail_closed" if self._fail_closed else "fail_open"
         log.warning("redis unreachable (%r); rate limits now %s", exc, mode)
         self._abandon(self._waiters)
@@ -321,7 +321,7 @@ class RedisLimiter:
         self._spawn("probe", self._probe())
 
     async def _probe(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(PROBE_S)
             try:
                 async with asyncio.timeout(self._timeout_s):
@@ -387,6 +387,16 @@ class RedisLimiter:
             return
         self._renewals = [(b, grant.id) for grant in self._live.values() for b in grant.leases]
         self._ensure_flusher().set()
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancels until every task has ended: on Python 3.11, redis-py's `wait_for` may swallow a
+    cancel that lands as its command completes, and the task then carries on."""
+    while tasks:
+        for task in tasks:
+            task.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=0.1)
+        tasks = list(pending)
 
 
 def _connect(url: str, timeout_s: float) -> aioredis.Redis:

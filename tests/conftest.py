@@ -30,6 +30,7 @@ from proxy.config import (
 )
 
 from .processes import serve  # noqa: F401  (fixture: real gateway processes)
+from .redisproc import redis_server  # noqa: F401  (fixture: a real redis-server)
 
 KEY = "sk-test-team-a"
 OTHER_KEY = "sk-test-team-b"

@@ -1,0 +1,154 @@
+"""Limits and budgets over HTTP, on both stores: 429/402 answers, headers, leases, account limits."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.admission import openai_duration
+from proxy.config import Config, Limits, RedisConfig
+
+from .conftest import KEY, Upstream, completion_handler, make_config, sse_events, stream_handler
+from .redisproc import RedisProcess
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GOOD = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+
+
+@pytest.fixture(params=["local", "redis"])
+def store(request: pytest.FixtureRequest) -> RedisConfig:
+    if request.param == "local":
+        return RedisConfig()
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    return RedisConfig(url=server.url, timeout_ms=200)
+
+
+def limited(config: Config, redis: RedisConfig, *, key: Limits = Limits(), budget: int | None = None,
+            model: Limits = Limits()) -> Config:
+    keys = (dataclasses.replace(config.keys[0], limits=key, budget_tokens=budget), *config.keys[1:])
+    models = dict(config.models)
+    models["gpt-test"] = dataclasses.replace(models["gpt-test"], limits=model)
+    return dataclasses.replace(config, keys=keys, models=models, redis=redis)
+
+
+async def post(http: Any, url: str, body: dict[str, Any] = GOOD) -> tuple[int, dict[str, str], dict[str, Any]]:
+    async with http.post(f"{url}/v1/chat/completions", json=body, headers=AUTH) as response:
+        return response.status, {k.lower(): v for k, v in response.headers.items()}, orjson.loads(await response.read())
+
+
+async def test_key_rpm_answers_429_with_headers(http: Any, upstream: Upstream, start_gateway: Any, store: RedisConfig) -> None:
+    gateway = await start_gateway(limited(make_config([upstream.url]), store, key=Limits(rpm=3)))
+    seen = []
+    for _ in range(3):
+        status, headers, _ = await post(http, gateway.url)
+        assert status == 200
+        seen.append(headers["x-ratelimit-remaining-requests"])
+        assert headers["x-ratelimit-limit-requests"] == "3"
+    assert seen == ["2", "1", "0"]
+    status, headers, body = await post(http, gateway.url)
+    assert status == 429
+    assert body["error"]["code"] == "rate_limit_exceeded" and body["error"]["param"] == "key.rpm"
+    assert body["error"]["type"] == "rate_limit_error"
+    assert int(headers["retry-after"]) >= 1 and int(headers["retry-after-ms"]) > 0
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(upstream.requests) == 3
+
+
+async def test_model_tpm_counts_real_usage(http: Any, upstream: Upstream, start_gateway: Any, store: RedisConfig) -> None:
+    # each answer reports 7 tokens; the reservation (~20 + 10) is refunded down to them
+    gateway = await start_gateway(limited(make_config([upstream.url]), store, model=Limits(tpm=40)))
+    assert (await post(http, gateway.url))[0] == 200
+    assert (await post(http, gateway.url))[0] == 200
+    status, _, body = await post(http, gateway.url)
+    assert status == 429 and body["error"]["param"] == "model.tpm"
+
+
+async def test_budget_answers_402_once_spent(http: Any, upstream: Upstream, start_gateway: Any, store: RedisConfig) -> None:
+    gateway = await start_gateway(limited(make_config([upstream.url]), store, budget=14))
+    assert (await post(http, gateway.url))[0] == 200
+    assert (await post(http, gateway.url))[0] == 200
+    status, _, body = await post(http, gateway.url)
+    assert status == 402
+    assert body["error"] == {
+        "message": "This API key has used up its token budget.",
+        "type": "insufficient_quota",
+        "param": None,
+        "code": "budget_exhausted",
+    }
+    assert len(upstream.requests) == 2
+
+
+async def test_concurrency_lease_returns_when_the_client_leaves(
+    http: Any, upstream: Upstream, start_gateway: Any, store: RedisConfig
+) -> None:
+    upstream.handler = stream_handler(sse_events(["w"] * 100), gap_s=0.05)
+    gateway = await start_gateway(limited(make_config([upstream.url]), store, key=Limits(concurrency=1)))
+    first = await http.post(f"{gateway.url}/v1/chat/completions", json={**GOOD, "stream": True}, headers=AUTH)
+    assert first.status == 200
+    status, _, body = await post(http, gateway.url)
+    assert status == 429 and body["error"]["param"] == "key.concurrency"
+    first.close()
+    upstream.handler = completion_handler()
+    async with asyncio.timeout(5):
+        while (await post(http, gateway.url))[0] != 200:
+            await asyncio.sleep(0.05)
+
+
+async def test_account_limit_steers_to_another_account(
+    http: Any, make_upstream: Any, start_gateway: Any, store: RedisConfig
+) -> None:
+    first, second = await make_upstream(), await make_upstream()
+    config = make_config([first.url, second.url])
+    providers = dict(config.providers)
+    up0 = providers["up0"]
+    providers["up0"] = dataclasses.replace(
+        up0, accounts=(dataclasses.replace(up0.accounts[0], limits=Limits(rpm=2), priority=0),)
+    )
+    up1 = providers["up1"]
+    providers["up1"] = dataclasses.replace(
+        up1, accounts=(dataclasses.replace(up1.accounts[0], priority=1),)
+    )
+    gateway = await start_gateway(dataclasses.replace(config, providers=providers, redis=store))
+    for _ in range(5):
+        assert (await post(http, gateway.url))[0] == 200
+    assert (len(first.requests), len(second.requests)) == (2, 3)
+
+
+async def test_fail_closed_with_redis_down_is_503(
+    http: Any, upstream: Upstream, start_gateway: Any, redis_server: RedisProcess
+) -> None:
+    redis = RedisConfig(url=redis_server.url, timeout_ms=100, on_error="fail_closed")
+    gateway = await start_gateway(limited(make_config([upstream.url]), redis, key=Limits(rpm=100)))
+    assert (await post(http, gateway.url))[0] == 200
+    redis_server.stop()
+    status, headers, body = await post(http, gateway.url)
+    assert status == 503 and body["error"]["code"] == "ratelimit_unavailable"
+    assert headers["retry-after"] == "1"
+    redis_server.start()
+    async with asyncio.timeout(10):
+        while (await post(http, gateway.url))[0] != 200:
+            await asyncio.sleep(0.1)
+
+
+async def test_fail_open_with_redis_down_still_serves(
+    http: Any, upstream: Upstream, start_gateway: Any, redis_server: RedisProcess
+) -> None:
+    redis = RedisConfig(url=redis_server.url, timeout_ms=100, on_error="fail_open")
+    gateway = await start_gateway(limited(make_config([upstream.url]), redis, key=Limits(rpm=100)))
+    redis_server.stop()
+    for _ in range(5):
+        assert (await post(http, gateway.url))[0] == 200
+    async with http.get(f"{gateway.url}/metrics") as response:
+        assert "llm_proxy_redis_degraded 1.0" in await response.text()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.85, "850ms"), (0.0, "0ms"), (6, "6s"), (5.2, "6s"), (90, "1m30s"), (360, "6m0s"), (3723, "1h2m3s")],
+)
+def test_openai_duration(seconds: float, text: str) -> None:
+    assert openai_duration(seconds) == text
