@@ -22,9 +22,12 @@ server:
   workers: {workers}
   drain_delay_s: {drain_delay_s}
   shutdown_grace_s: {grace_s}
+redis:
+  url: "{redis_url}"
 keys:
   - name: tester
     key: {key}
+    limits: {key_limits}
 providers:
   mock:
     type: mock
@@ -36,7 +39,10 @@ models:
 
 
 def render(**values: Any) -> str:
-    return CONFIG.format(**{"key": KEY, "workers": 1, "drain_delay_s": 0, "grace_s": 1, "chunk_delay_ms": 0, **values})
+    return CONFIG.format(**{
+        "key": KEY, "workers": 1, "drain_delay_s": 0, "grace_s": 1, "chunk_delay_ms": 0,
+        "redis_url": "", "key_limits": "{}", **values,
+    })
 
 
 def free_port() -> int:
@@ -72,11 +78,14 @@ async def serve(tmp_path: Path) -> AsyncIterator[Any]:
     started: list[Process] = []
 
     async def start(
-        *, drain_delay_s: float = 0.5, grace_s: float = 10, chunk_delay_ms: float = 0, workers: int = 1
+        *, drain_delay_s: float = 0.5, grace_s: float = 10, chunk_delay_ms: float = 0, workers: int = 1,
+        **values: Any,
     ) -> Process:
         port = free_port()
         config = tmp_path / f"config-{port}.yaml"
-        config.write_text(render(port=port, drain_delay_s=drain_delay_s, grace_s=grace_s, chunk_delay_ms=chunk_delay_ms, workers=workers))
+        config.write_text(
+            render(port=port, drain_delay_s=drain_delay_s, grace_s=grace_s, chunk_delay_ms=chunk_delay_ms, workers=workers, **values)
+        )
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "serve", "--config", str(config),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -13,6 +14,7 @@ from proxy.admission import openai_duration
 from proxy.config import Config, Limits, RedisConfig
 
 from .conftest import KEY, Upstream, completion_handler, make_config, sse_events, stream_handler
+from .processes import KEY as PROCESS_KEY
 from .redisproc import RedisProcess
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -152,3 +154,25 @@ async def test_fail_open_with_redis_down_still_serves(
 )
 def test_openai_duration(seconds: float, text: str) -> None:
     assert openai_duration(seconds) == text
+
+
+async def test_three_replicas_sharing_redis_admit_exactly_the_limit(serve: Any, redis_server: RedisProcess) -> None:
+    replicas = [
+        await serve(redis_url=redis_server.url, key_limits="{rpm: 40}", drain_delay_s=0) for _ in range(3)
+    ]
+    body = {"model": "demo-chat", "messages": [{"role": "user", "content": "x"}]}
+    headers = {"Authorization": f"Bearer {PROCESS_KEY}"}
+
+    async def one(i: int) -> int:
+        async with http.post(f"{replicas[i % 3].url}/v1/chat/completions", json=body, headers=headers) as r:
+            await r.read()
+            return r.status
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        statuses = await asyncio.gather(*(one(i) for i in range(150)))
+    admitted = statuses.count(200)
+    assert statuses.count(429) == 150 - admitted
+    print(f"three replicas, limit 40/min, 150 concurrent: {admitted} admitted")
+    assert 40 <= admitted <= 41, admitted  # +1 for what refills during the burst
+    for replica in replicas:
+        assert await replica.stop() == 0
