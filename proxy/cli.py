@@ -59,7 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
         print("llm-proxy: no config: pass --config FILE or set LLM_PROXY_CONFIG", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        config = _with_overrides(load_config(path), args)
+        file_config = load_config(path)
+        config = _with_overrides(file_config, args)
     except ConfigError as exc:
         _report(path, exc)
         return EXIT_CONFIG
@@ -71,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
         return supervise(config, path=path)
     from .server import serve  # imported late: check-config and hash-key need no event loop
 
-    return serve(config, path=path, workers=int(worker_of or 1))
+    return serve(config, path=path, file_config=file_config, workers=int(worker_of or 1))
 
 
 def _with_overrides(config: Config, args: argparse.Namespace) -> Config:

@@ -24,18 +24,21 @@ from .state import ServerState
 log = logging.getLogger("llm_proxy.server")
 
 
-def serve(config: Config, *, path: str, workers: int = 1) -> int:
-    """Runs one gateway process until SIGTERM/SIGINT; SIGHUP reloads `path`."""
+def serve(config: Config, *, path: str, file_config: Config, workers: int = 1) -> int:
+    """Runs one gateway process until SIGTERM/SIGINT; SIGHUP reloads `path`.
+
+    `config` is `file_config` with the command line's overrides applied.
+    """
     logging.basicConfig(
         level=config.logging.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
     prometheus_client.disable_created_metrics()  # halves the series; `_created` helps no dashboard
-    uvloop.run(_serve(config, path=path, workers=workers))
+    uvloop.run(_serve(config, path=path, file_config=file_config, workers=workers))
     return 0
 
 
-async def _serve(config: Config, *, path: str, workers: int) -> None:
+async def _serve(config: Config, *, path: str, file_config: Config, workers: int) -> None:
     """`workers` > 1: this process is one of that many sharing the port."""
     access_log = AccessLog() if config.logging.access_log else None
     app = build_app(config, access_log=access_log, workers=workers)
@@ -51,7 +54,7 @@ async def _serve(config: Config, *, path: str, workers: int) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload(app[STATE], path))
+    loop.add_signal_handler(signal.SIGHUP, Reloader(app[STATE], path, file_config))
     try:
         await stop.wait()
         await drain(app[STATE])
@@ -60,21 +63,32 @@ async def _serve(config: Config, *, path: str, workers: int) -> None:
     log.info("stopped")
 
 
-def reload(state: ServerState, path: str) -> None:
-    """SIGHUP: serve the file's new config, or keep the old one when the new one is invalid."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        log.error("reload refused, still serving the previous config: %s", "; ".join(exc.problems))
-        return
-    current = state.gateway.config
-    for section in ("server", "redis"):
-        if getattr(config, section) != getattr(current, section):
-            log.warning("reload: `%s` changed; it takes effect only after a restart", section)
-    config = dataclasses.replace(config, server=current.server, redis=current.redis)
-    old = state.swap(config)
-    state.spawn(state.retire(old))
-    log.info("reloaded %s", path)
+class Reloader:
+    """SIGHUP: serve the file's new config, or keep the old one when the new one is invalid.
+
+    Compares with what the file said last time (not the running config, which holds the
+    command line's --host/--port/--workers), to warn about what needs a restart.
+    """
+
+    def __init__(self, state: ServerState, path: str, started_with: Config) -> None:
+        self.state = state
+        self.path = path
+        self.last = started_with
+
+    def __call__(self) -> None:
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            log.error("reload refused, still serving the previous config: %s", "; ".join(exc.problems))
+            return
+        for section in ("server", "redis"):
+            if getattr(config, section) != getattr(self.last, section):
+                log.warning("reload: `%s` changed; it takes effect only after a restart", section)
+        self.last = config
+        current = self.state.gateway.config
+        old = self.state.swap(dataclasses.replace(config, server=current.server, redis=current.redis))
+        self.state.spawn(self.state.retire(old))
+        log.info("reloaded %s", self.path)
 
 
 async def drain(state: ServerState) -> None:
