@@ -12,7 +12,8 @@ import hashlib
 import os
 import sys
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
+from .configfile import load_config
 from .supervisor import WORKER_ENV, supervise
 
 EXIT_CONFIG = 2

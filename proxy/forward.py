@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from . import errors
-from .accounts import Attempt, Choice
+from .accounts import Choice
 from .admission import admit_account
 from .call import Call
 from .config import ModelConfig, Timeouts

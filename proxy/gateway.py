@@ -39,12 +39,12 @@ class Gateway:
         self.buckets = BucketTables(config, divisor)
         self.keys: dict[str, KeyConfig] = {key.key_sha256: key for key in config.keys}
         self.models: dict[str, ModelConfig] = dict(config.models)
-        self.accounts = Accounts(
+        self.accounts: Accounts = Accounts(
             config=config,
             rng=random.Random(),
             previous=previous.accounts if previous is not None else None,
         )
-        self.retry_budget = (
+        self.retry_budget: RetryBudget = (
             previous.retry_budget
             if previous is not None
             else RetryBudget(

@@ -18,7 +18,8 @@ from aiohttp import web
 
 from .accesslog import AccessLog
 from .app import STATE, build_app
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
+from .configfile import load_config
 from .state import ServerState
 
 log = logging.getLogger("llm_proxy.server")
@@ -33,7 +34,7 @@ def serve(config: Config, *, path: str, file_config: Config, workers: int = 1) -
         level=config.logging.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
-    prometheus_client.disable_created_metrics()  # halves the series; `_created` helps no dashboard
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # halves the series; `_created` helps no dashboard
     uvloop.run(_serve(config, path=path, file_config=file_config, workers=workers))
     return 0
 

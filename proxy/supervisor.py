@@ -102,4 +102,4 @@ def _mark_dead(pid: int, metrics_dir: str) -> None:
     """Drops a dead worker's live gauges; its counters stay in the sums."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid, metrics_dir)
+    multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]

@@ -7,7 +7,7 @@ caller's (forward sets them around every read); this module only sends and reads
 from __future__ import annotations
 
 import asyncio
-from typing import Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -27,8 +27,11 @@ class UpstreamFailure(Exception):
 class Exchange(Protocol):
     """One upstream answer being read: status and headers first, then the body in chunks."""
 
-    status: int
-    headers: Mapping[str, str]
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
     async def read(self) -> bytes:
         """The next body chunk as it arrives; b"" at the end."""
@@ -41,7 +44,7 @@ class Provider(Protocol):
     config: ProviderConfig
 
     async def send(
-        self, account: AccountConfig, body: bytes, data: dict[str, object], request_id: str
+        self, account: AccountConfig, body: bytes, data: dict[str, Any], request_id: str
     ) -> Exchange: ...
 
     async def probe(self, account: AccountConfig) -> bool: ...
@@ -93,7 +96,7 @@ class OpenAIProvider:
         )
 
     async def send(
-        self, account: AccountConfig, body: bytes, data: dict[str, object], request_id: str
+        self, account: AccountConfig, body: bytes, data: dict[str, Any], request_id: str
     ) -> Exchange:
         headers = {**self._headers[account.name], "X-Request-Id": request_id}
         for retry in (True, False):

@@ -27,7 +27,7 @@ import redis.asyncio
 import yaml
 
 from .processes import free_port, wait_ready
-from .redisproc import RedisProcess, redis_server  # noqa: F401  (fixture)
+from .redisproc import RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from proxy.config import load_config
+from proxy.configfile import load_config
 
 DEMO = Path(__file__).resolve().parent.parent / "deploy" / "demo.yaml"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "echo these four words"}]

@@ -27,7 +27,7 @@ from proxy.ratelimit import (
 )
 from proxy.redislimits import RedisLimiter
 
-from .redisproc import RedisProcess, redis_server  # noqa: F401
+from .redisproc import RedisProcess
 from .test_ratelimit import REFILL_CASES, SETTLE_CASES, WAIT_CASES
 
 pytestmark = pytest.mark.timeout(30)

@@ -20,10 +20,8 @@ from proxy.config import (
     Limits,
     ServerConfig,
     Target,
-    load_config,
-    parse_config,
-    substitute_env,
 )
+from proxy.configfile import load_config, parse_config, substitute_env
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DELETE = object()
