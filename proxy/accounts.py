@@ -82,6 +82,7 @@ class Choice:
     target: Target | None
     breaker_blocked: bool  # a breaker excluded an otherwise eligible account
     retry_at: float | None  # when blocked: the earliest time such an account may pass again
+    cooling_until: float | None = None  # the earliest end of a cooldown that excluded an account
 
 
 @dataclass(slots=True, eq=False)
@@ -146,7 +147,11 @@ class Accounts:
         tier, blocked_at = self._best_tier(route, group, tried, now)
         blocked = blocked_at is not None
         if not tier:
-            return Choice(account=None, target=None, breaker_blocked=blocked, retry_at=blocked_at)
+            cooling = [a.cooldown_until for a, _ in route if a.cooldown_until > now and a not in tried]
+            return Choice(
+                account=None, target=None, breaker_blocked=blocked, retry_at=blocked_at,
+                cooling_until=min(cooling) if cooling else None,
+            )
         account, target = self._sticky_or_pick(tier, session, now)
         return Choice(account=account, target=target, breaker_blocked=blocked, retry_at=blocked_at)
 

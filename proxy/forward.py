@@ -72,6 +72,7 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     failure: GatewayError | None = None
     breaker_retry_at: float | None = None
+    cooling_until: float | None = None
     for model in _route(call.model, gateway.models):
         first_on_model = True
         while call.attempts < max_attempts:
@@ -82,6 +83,8 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
             if choice.account is None:
                 if choice.breaker_blocked and choice.retry_at is not None:
                     breaker_retry_at = min(breaker_retry_at or choice.retry_at, choice.retry_at)
+                if choice.cooling_until is not None:
+                    cooling_until = min(cooling_until or choice.cooling_until, choice.cooling_until)
                 break
             if not await admit_account(call, choice.account.id):
                 call.tried.append(choice.account)  # its own limit is spent: another account serves
@@ -103,7 +106,7 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
         raise failure
     if breaker_retry_at is not None:
         raise errors.circuit_open(breaker_retry_at - loop.time())
-    raise errors.no_account_available()
+    raise errors.no_account_available(max(1.0, (cooling_until or 0.0) - loop.time()))
 
 
 def _count_retry_and_fallback(metrics: Metrics, call: Call, model: ModelConfig, first_on_model: bool) -> None:

@@ -198,7 +198,8 @@ def test_account_faults_bench_the_account(verdict: Verdict, field: str, value: o
     assert getattr(attempt.account, field) == value
     assert attempt.account.last_error == verdict.reason
     assert attempt.account.breaker.state(5.0) is BreakerState.CLOSED  # neither success nor failure
-    assert pick(pool, 5.5) == Choice(None, None, False, None)
+    cooling = value if field == "cooldown_until" else None
+    assert pick(pool, 5.5) == Choice(None, None, False, None, cooling_until=cooling)
 
 
 def test_cooldown_only_extends() -> None:
