@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import MappingProxyType
 from typing import Any
@@ -120,6 +121,21 @@ def stream_handler(events: list[bytes], *, gap_s: float = 0.0, status: int = 200
         return response
 
     return handle
+
+
+def hang() -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(30)
+        raise AssertionError("unreachable")
+
+    return handle
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
 
 
 def make_config(

@@ -102,10 +102,15 @@ async def serve(tmp_path: Path) -> AsyncIterator[Any]:
 
 
 async def wait_ready(url: str) -> None:
+    await wait_ok(f"{url}/readyz")
+
+
+async def wait_ok(url: str) -> None:
+    """Until `url` answers 200 (15 s at most)."""
     async with aiohttp.ClientSession() as http, asyncio.timeout(15):
         while True:
             try:
-                async with http.get(f"{url}/readyz") as response:
+                async with http.get(url) as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientConnectionError:

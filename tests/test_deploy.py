@@ -26,7 +26,7 @@ import pytest
 import redis.asyncio
 import yaml
 
-from .processes import free_port, wait_ready
+from .processes import free_port, wait_ok, wait_ready
 from .redisproc import RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,7 +189,7 @@ async def stack(tmp_path: Path, redis_server: RedisProcess, drain_delay_s: float
         with (tmp_path / "haproxy.log").open("wb") as log:
             proxy = await asyncio.create_subprocess_exec(haproxy, "-f", str(cfg), "-db", stdout=log, stderr=log)
         stack = Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{stats_port}/stats", redis_server.url, replicas)
-        await wait_listening(stack.stats_url)
+        await wait_ok(stack.stats_url)
         await stack.wait_up("r1", "r2")
         yield stack
     finally:
@@ -198,18 +198,6 @@ async def stack(tmp_path: Path, redis_server: RedisProcess, drain_delay_s: float
             await proxy.wait()
         for replica in replicas:
             await replica.kill()
-
-
-async def wait_listening(url: str) -> None:
-    async with aiohttp.ClientSession() as http, asyncio.timeout(10):
-        while True:
-            try:
-                async with http.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import orjson
@@ -14,6 +13,8 @@ from proxy.config import Timeouts
 
 from .conftest import (
     KEY,
+    closed_port_url,
+    hang,
     Upstream,
     completion_handler,
     make_config,
@@ -35,21 +36,6 @@ async def post(http: Any, url: str, body: dict[str, Any]) -> tuple[int, dict[str
 
 def events_of(raw: bytes) -> list[bytes]:
     return [e for e in raw.split(b"\n\n") if e]
-
-
-def hang() -> Any:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(30)
-        raise AssertionError("unreachable")
-
-    return handle
-
-
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
 
 
 async def two_upstreams(make_upstream: Any, start_gateway: Any, **kw: Any) -> tuple[Upstream, Upstream, Any]:

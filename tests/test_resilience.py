@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import socket
 from collections import Counter
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -37,7 +36,17 @@ from proxy.config import (
     Timeouts,
 )
 
-from .conftest import KEY, Handler, Upstream, completion_handler, sse_chunk, sse_events, stream_handler
+from .conftest import (
+    KEY,
+    Handler,
+    Upstream,
+    closed_port_url,
+    completion_handler,
+    hang,
+    sse_chunk,
+    sse_events,
+    stream_handler,
+)
 
 ADMIN_KEY = "adm-resilience"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -130,21 +139,6 @@ def answer(status: int, body: bytes = b"{}", headers: dict[str, str] | None = No
         )
 
     return handle
-
-
-def hang() -> Handler:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    return handle
-
-
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
 
 
 async def post(
