@@ -15,6 +15,10 @@ from .errors import GatewayError, budget_exhausted, rate_limited
 from .ratelimit import RPM, TPM, Ask, Bucket, Levels, Refusal, buckets_for
 
 NO_BUCKETS: tuple[Bucket, ...] = ()
+_HEADER_KINDS = {
+    dimension: tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset"))
+    for dimension, kind in ((RPM, "requests"), (TPM, "tokens"))
+}
 
 
 class BucketTables:
@@ -100,14 +104,14 @@ def settle(call: Call) -> None:
 def ratelimit_headers(key_buckets: tuple[Bucket, ...], levels: Levels) -> dict[str, str]:
     headers: dict[str, str] = {}
     for bucket in key_buckets:
-        kind = {RPM: "requests", TPM: "tokens"}.get(bucket.dimension)
+        kind = _HEADER_KINDS.get(bucket.dimension)
         level = levels.get(bucket.id)
         if kind is None or level is None:
             continue
         remaining, reset_s = level
-        headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(remaining)))
-        headers[f"x-ratelimit-reset-{kind}"] = openai_duration(reset_s)
+        headers[kind[0]] = str(bucket.limit)
+        headers[kind[1]] = str(max(0, math.floor(remaining)))
+        headers[kind[2]] = openai_duration(reset_s)
     return headers
 
 

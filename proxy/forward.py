@@ -35,7 +35,7 @@ SUCCESS = Verdict(Fault.NONE)
 class Clock:
     """One attempt's deadlines on one `asyncio.Timeout`: first byte, then idle, under total."""
 
-    __slots__ = ("loop", "timeouts", "total_at", "timer", "data_seen")
+    __slots__ = ("loop", "timeouts", "total_at", "timer", "data_seen", "last_data")
 
     def __init__(self, timeouts: Timeouts) -> None:
         self.loop = asyncio.get_running_loop()
@@ -44,12 +44,10 @@ class Clock:
         self.total_at = now + timeouts.total_s
         self.timer = asyncio.timeout_at(min(self.total_at, now + timeouts.first_byte_s))
         self.data_seen = False
+        self.last_data = now
 
-    def relay(self) -> asyncio.Timeout:
-        """A fresh timer for the committed stream, due within `idle_s` of the first event."""
-        self.data_seen = True
-        self.timer = asyncio.timeout_at(min(self.total_at, self.loop.time() + self.timeouts.idle_s))
-        return self.timer
+    def idle_deadline(self) -> float:
+        return min(self.total_at, self.last_data + self.timeouts.idle_s)
 
     def tick(self) -> None:
         """Data arrived: the next chunk is due within `idle_s`."""
@@ -305,12 +303,8 @@ async def _pump(
     """Relays a committed stream to its end; a failure becomes one terminal error event."""
     error: GatewayError | None = None
     try:
-        async with clock.relay():
-            await response.write(first)
-            while chunk := await exchange.read():
-                clock.tick()
-                if out := scanner.feed(chunk):
-                    await response.write(out)
+        await response.write(first)
+        await _relay_chunks(response, exchange, clock, scanner)
         if not scanner.done:
             error = errors.bad_upstream_response("stream ended before it was complete")
     except TimeoutError:
@@ -333,6 +327,31 @@ async def _pump(
     _failed(call, error)
     await _end_with(response, error)
     return TRANSIENT
+
+
+async def _relay_chunks(
+    response: web.StreamResponse, exchange: Exchange, clock: Clock, scanner: SseScanner
+) -> None:
+    """Every chunk to the end of the stream, each due within `idle_s` of the one before.
+
+    One timer serves many chunks: a chunk only notes when it came, and a timer that fires
+    before the stream is really idle is set again and reading goes on (cancelling a pending
+    read or a drain loses nothing), so no timer is moved per chunk.
+    """
+    loop = clock.loop
+    clock.data_seen = True
+    clock.last_data = loop.time()
+    while True:
+        try:
+            async with asyncio.timeout_at(clock.idle_deadline()):
+                while chunk := await exchange.read():
+                    clock.last_data = loop.time()
+                    if out := scanner.feed(chunk):
+                        await response.write(out)
+                return
+        except TimeoutError:
+            if loop.time() >= clock.idle_deadline():
+                raise
 
 
 async def _end_with(response: web.StreamResponse, error: GatewayError) -> None:

@@ -8,6 +8,7 @@ Each stage fills fields of the `Call` or raises `GatewayError`; errors are rende
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -25,6 +26,11 @@ from .state import ServerState
 from .validation import parse_chat_request
 
 log = logging.getLogger("llm_proxy.pipeline")
+
+# Request ids: unique per process start (random prefix) and per request (a counter), with no
+# system call on the request path.
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count()
 
 
 async def handle_chat(request: web.Request, state: ServerState) -> web.StreamResponse:
@@ -163,7 +169,7 @@ def request_id_of(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id")
     if given and len(given) <= 200 and given.isprintable():
         return given
-    return "req_" + os.urandom(12).hex()
+    return f"req_{_ID_PREFIX}{next(_ID_COUNTER):010x}"
 
 
 def _str_or_none(value: object) -> str | None:

@@ -218,3 +218,13 @@ async def wait_for(predicate: Any, timeout_s: float = 3.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+async def test_stream_longer_than_idle_s_with_short_gaps_completes(http: Any, upstream: Upstream, start_gateway: Any) -> None:
+    # idle_s 0.3 with chunks 0.1 s apart for ~1.2 s: the idle timer fires early several times
+    # and must be set again rather than end the stream
+    upstream.handler = stream_handler(sse_events(["t"] * 10), gap_s=0.1)
+    gateway = await start_gateway(make_config([upstream.url], timeouts=FAST))
+    got, _, body = await post(http, gateway.url, STREAM)
+    assert got == 200
+    assert body.endswith(b"data: [DONE]\n\n") and b'"error"' not in body
