@@ -27,11 +27,10 @@ from .ratelimit import Limiter, LocalLimiter
 from .redislimits import RedisLimiter
 from .call import Call
 from .pipeline import authenticate, bearer_token, handle_chat, render_error, request_id_of
-from .state import ServerState
+from .state import STATE, ServerState
 
 log = logging.getLogger("llm_proxy.app")
 
-STATE = web.AppKey("state", ServerState)
 CHAT_PATHS = ("/v1/chat/completions", "/api/v1/chat/completions", "/api/client/v1/chat/completions")
 STARTED = int(time.time())
 
@@ -58,7 +57,7 @@ def build_app(
         )
     )
     for path in CHAT_PATHS:
-        app.router.add_post(path, _chat)
+        app.router.add_post(path, handle_chat)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -114,10 +113,6 @@ async def _every(interval_s: float, chore: Callable[[], Awaitable[None]]) -> Non
 async def _refresh_metrics(state: ServerState) -> None:
     """Keeps state gauges fresh in every worker, since a scrape reaches only one of them."""
     state.gateway.refresh_metrics(asyncio.get_running_loop().time())
-
-
-async def _chat(request: web.Request) -> web.StreamResponse:
-    return await handle_chat(request, request.app[STATE])
 
 
 async def _models(request: web.Request) -> web.Response:

@@ -237,11 +237,11 @@ async def _read_all(exchange: Exchange, clock: Clock, limit: int | None = None) 
     parts: list[bytes] = []
     size = 0
     while chunk := await exchange.read():
-        clock.tick()
         parts.append(chunk)
         size += len(chunk)
-        if limit is not None and size > limit:
+        if exchange.finished or (limit is not None and size > limit):
             break
+        clock.tick()  # more to come: due within idle_s (a body read in one go moves no timer)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 

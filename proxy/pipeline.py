@@ -22,7 +22,7 @@ from .call import Call
 from .errors import GatewayError
 from .forward import forward
 from .metrics import Metrics
-from .state import ServerState
+from .state import STATE, ServerState
 from .validation import parse_chat_request
 
 log = logging.getLogger("llm_proxy.pipeline")
@@ -33,7 +33,8 @@ _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count()
 
 
-async def handle_chat(request: web.Request, state: ServerState) -> web.StreamResponse:
+async def handle_chat(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
     call = Call(gateway=state.gateway, request_id=request_id_of(request), started=time.perf_counter())
     task = asyncio.current_task()
     assert task is not None

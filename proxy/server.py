@@ -17,10 +17,10 @@ import uvloop
 from aiohttp import web
 
 from .accesslog import AccessLog
-from .app import STATE, build_app
+from .app import build_app
 from .config import Config, ConfigError
 from .configfile import load_config
-from .state import ServerState
+from .state import STATE, ServerState
 
 log = logging.getLogger("llm_proxy.server")
 

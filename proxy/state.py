@@ -9,6 +9,8 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
+from aiohttp import web
+
 from .accesslog import AccessLog
 from .call import Call
 from .config import Config, ServerConfig
@@ -16,6 +18,8 @@ from .gateway import Gateway
 
 
 class ServerState:
+    """The app's process-wide state, under the `STATE` app key."""
+
     def __init__(self, *, server: ServerConfig, gateway: Gateway, access_log: AccessLog | None) -> None:
         self.server = server
         self.gateway = gateway
@@ -70,3 +74,6 @@ class ServerState:
         except TimeoutError:
             return False
         return True
+
+
+STATE = web.AppKey("state", ServerState)

@@ -36,6 +36,10 @@ class Exchange(Protocol):
     async def read(self) -> bytes:
         """The next body chunk as it arrives; b"" at the end."""
 
+    @property
+    def finished(self) -> bool:
+        """Whether the whole body has been read."""
+
     def close(self) -> None:
         """Stops reading; an unfinished upstream request is aborted."""
 
@@ -65,6 +69,10 @@ class HttpExchange:
             return await self._response.content.readany()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise UpstreamFailure("bad_response", f"body cut: {type(exc).__name__}") from None
+
+    @property
+    def finished(self) -> bool:
+        return self._response.content.at_eof()
 
     def close(self) -> None:
         # close(), not release(): an unread body means the request must not go on upstream

@@ -35,6 +35,10 @@ class MockExchange:
         self._started = True
         return self._chunks.pop() if self._chunks else b""
 
+    @property
+    def finished(self) -> bool:
+        return not self._chunks
+
     def close(self) -> None:
         self._chunks = []
 
