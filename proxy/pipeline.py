@@ -36,8 +36,7 @@ _ID_COUNTER = itertools.count()
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     call = Call(gateway=state.gateway, request_id=request_id_of(request), started=time.perf_counter())
-    task = asyncio.current_task()
-    assert task is not None
+    task = request.task  # the task running this handler: what a drain cancels
     state.enter(task, call)
     response: web.StreamResponse | None = None
     try:
