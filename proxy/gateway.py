@@ -44,12 +44,16 @@ class Gateway:
             rng=random.Random(),
             previous=previous.accounts if previous is not None else None,
         )
+        routing = config.routing
+        same_budget = previous is not None and (
+            (previous.config.routing.retry_budget, previous.config.routing.retry_min_per_s)
+            == (routing.retry_budget, routing.retry_min_per_s)
+        )
+        # the recent history carries over a reload unless the budget itself changed
         self.retry_budget: RetryBudget = (
             previous.retry_budget
-            if previous is not None
-            else RetryBudget(
-                ratio=config.routing.retry_budget, min_per_s=config.routing.retry_min_per_s
-            )
+            if previous is not None and same_budget
+            else RetryBudget(ratio=routing.retry_budget, min_per_s=routing.retry_min_per_s)
         )
         old = previous.providers if previous is not None else {}
         self.providers: dict[str, Provider] = {
