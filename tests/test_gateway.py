@@ -44,3 +44,19 @@ async def test_quarantined_account_returns_after_a_successful_probe(
                 if r.status == 200:
                     break
             await asyncio.sleep(0.05)
+
+
+async def test_reload_keeps_the_retry_history_unless_the_budget_changed() -> None:
+    import dataclasses
+
+    from proxy.gateway import Gateway
+    from proxy.ratelimit import LocalLimiter
+
+    config = make_config()  # the mock provider: nothing to connect
+    first = Gateway(config=config, limiter=LocalLimiter())
+    same = Gateway(config=config, limiter=LocalLimiter(), previous=first)
+    assert same.retry_budget is first.retry_budget
+    changed = dataclasses.replace(config, routing=dataclasses.replace(config.routing, retry_budget=0.5))
+    after = Gateway(config=changed, limiter=LocalLimiter(), previous=same)
+    assert after.retry_budget is not first.retry_budget
+    await after.close()
