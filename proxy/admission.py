@@ -87,7 +87,7 @@ def refusal_error(call: Call, refusal: Refusal) -> GatewayError:
     return rate_limited(f"{scope}.{dimension}", refusal.retry_after_s)
 
 
-def settle(call: Call) -> None:
+def settle_limits(call: Call) -> None:
     """Hands every grant back with the real usage; the reservation when usage never came."""
     if not call.grants:
         return

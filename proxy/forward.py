@@ -71,7 +71,7 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
     failure: GatewayError | None = None
     breaker_retry_at: float | None = None
     cooling_until: float | None = None
-    for model in _route(call.model, gateway.models):
+    for model in gateway.routes[call.model.name]:
         first_on_model = True
         while call.attempts < max_attempts:
             now = loop.time()
@@ -113,10 +113,6 @@ def _count_retry_and_fallback(metrics: Metrics, call: Call, model: ModelConfig, 
     if first_on_model and model is not call.model:
         assert call.model is not None
         metrics.fallbacks((call.model.name, model.name)).inc()
-
-
-def _route(model: ModelConfig, models: dict[str, ModelConfig]) -> list[ModelConfig]:
-    return [model, *(models[name] for name in model.fallbacks)]
 
 
 async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.StreamResponse | GatewayError:

@@ -39,6 +39,10 @@ class Gateway:
         self.buckets = BucketTables(config, divisor)
         self.keys: dict[str, KeyConfig] = {key.key_sha256: key for key in config.keys}
         self.models: dict[str, ModelConfig] = dict(config.models)
+        # what forward tries per client model, in order: the model, then its fallbacks
+        self.routes: dict[str, tuple[ModelConfig, ...]] = {
+            m.name: (m, *(config.models[name] for name in m.fallbacks)) for m in config.models.values()
+        }
         self.accounts: Accounts = Accounts(
             config=config,
             rng=random.Random(),

@@ -73,6 +73,14 @@ class Metrics:
             "llm_proxy_fallbacks_total", "Requests served by trying a fallback model.",
             ("model", "fallback"), registry=registry,
         ))
+        for scope, dimensions in REJECTION_SERIES:
+            for dimension in dimensions:  # present at 0 from the start, so rate() has data
+                self.rejections((scope, dimension))
+        self._add_state_gauges(registry)
+
+    def _add_state_gauges(self, registry: CollectorRegistry) -> None:
+        """Gauges set from the live state by `refresh_state`, not per request."""
+        self._shown: dict[Gauge, set[tuple[str, str]]] = {}
         # With several workers (multiprocess mode) each holds its own breakers and in-flight
         # counts: in-flight adds up, a breaker shows its worst state, availability its best.
         self._inflight = Gauge(
@@ -87,10 +95,6 @@ class Metrics:
             "llm_proxy_account_available", "1 when the account could take a request now.",
             ("provider", "account"), registry=registry, multiprocess_mode="livemax",
         )
-        self._shown: dict[Gauge, set[tuple[str, str]]] = {}
-        for scope, dimensions in REJECTION_SERIES:
-            for dimension in dimensions:  # present at 0 from the start, so rate() has data
-                self.rejections((scope, dimension))
         self._redis_degraded = Gauge(
             "llm_proxy_redis_degraded", "1 while Redis is unreachable.", registry=registry,
             multiprocess_mode="livemax",

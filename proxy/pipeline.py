@@ -16,8 +16,7 @@ import time
 from aiohttp import web
 
 from . import errors
-from .admission import admit
-from .admission import settle as release
+from .admission import admit, settle_limits
 from .call import Call
 from .errors import GatewayError
 from .forward import forward
@@ -117,7 +116,7 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
     """Accounts for the finished request: the access log line (never a key or content)."""
     if not call.status and response is not None:
         call.status = response.status
-    release(call)
+    settle_limits(call)
     duration = time.perf_counter() - call.started
     ttft = call.first_byte_at - call.started if call.first_byte_at is not None else None
     if call.gateway.metrics is not None:

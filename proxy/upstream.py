@@ -108,20 +108,17 @@ class OpenAIProvider:
         self, account: AccountConfig, body: bytes, data: dict[str, Any], request_id: str
     ) -> Exchange:
         headers = {**self._headers[account.name], "X-Request-Id": request_id}
-        for retry in (True, False):
+        try:
             try:
                 response = await self._session.post(self._url, data=body, headers=headers)
             except aiohttp.ServerDisconnectedError:
                 # a pooled keep-alive connection the upstream had already closed: once more, fresh
-                if retry:
-                    continue
-                raise UpstreamFailure("bad_response", "upstream closed the connection") from None
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                raise UpstreamFailure("connect", type(exc).__name__) from None
-            except aiohttp.ClientError as exc:
-                raise UpstreamFailure("bad_response", type(exc).__name__) from None
-            return HttpExchange(response)
-        raise AssertionError("unreachable")
+                response = await self._session.post(self._url, data=body, headers=headers)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise UpstreamFailure("connect", type(exc).__name__) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamFailure("bad_response", type(exc).__name__) from None
+        return HttpExchange(response)
 
     async def probe(self, account: AccountConfig) -> bool:
         """GET {base_url}/models with the account's key: whether it answers 2xx."""
