@@ -1,7 +1,7 @@
-"""Talking to an OpenAI-compatible upstream: one pooled session per provider, one exchange per attempt.
+"""Talking to an OpenAI-compatible upstream: one connection pool per provider, one exchange per attempt.
 
-Translates aiohttp's transport errors into `UpstreamFailure` here, once. Deadlines are the
-caller's (forward sets them around every read); this module only sends and reads bytes.
+Deadlines are the caller's (forward sets them around every read); this module only sends and
+reads bytes, through `http1`, whose errors (`UpstreamFailure`) are the only ones it raises.
 """
 
 from __future__ import annotations
@@ -9,19 +9,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Mapping, Protocol
 
-import aiohttp
-from multidict import CIMultiDictProxy
-
 from .config import AccountConfig, ProviderConfig
+from .http1 import Pool, UpstreamFailure
 
-
-class UpstreamFailure(Exception):
-    """An attempt that got no usable answer: `kind` is `connect` or `bad_response`."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
+__all__ = ["Exchange", "OpenAIProvider", "Provider", "UpstreamFailure"]
 
 
 class Exchange(Protocol):
@@ -56,81 +47,53 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
 
-class HttpExchange:
-    __slots__ = ("status", "headers", "_response")
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.headers: CIMultiDictProxy[str] = response.headers
-
-    async def read(self) -> bytes:
-        try:
-            return await self._response.content.readany()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise UpstreamFailure("bad_response", f"body cut: {type(exc).__name__}") from None
-
-    @property
-    def finished(self) -> bool:
-        return self._response.content.at_eof()
-
-    def close(self) -> None:
-        # close(), not release(): an unread body means the request must not go on upstream
-        self._response.close()
-
-
 class OpenAIProvider:
     """Any OpenAI-compatible API at the provider's `base_url`."""
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
-        self._url = f"{config.base_url}/chat/completions"
+        self._pool = Pool(config.base_url, connect_timeout_s=config.timeouts.connect_s)
+        self._chat = self._pool.target("/chat/completions")
+        self._models = self._pool.target("/models")
+        # whole header lines per account, built once; the request id is added per request
         self._headers = {
-            account.name: {
-                "Authorization": f"Bearer {account.api_key}",
-                "Content-Type": "application/json",
-                "Accept": "application/json, text/event-stream",
-                # set here, so aiohttp adds none of its own (skip_auto_headers costs ~5% a request)
-                "User-Agent": "llm-proxy",
-            }
+            account.name: (
+                b"Authorization: Bearer %s\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Accept: application/json, text/event-stream\r\n"
+                b"User-Agent: llm-proxy\r\n" % _header_value(account.api_key)
+            )
             for account in config.accounts
         }
-        timeouts = config.timeouts
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s
-            ),
-            auto_decompress=False,
-        )
 
     async def send(
         self, account: AccountConfig, body: bytes, data: dict[str, Any], request_id: str
     ) -> Exchange:
-        headers = {**self._headers[account.name], "X-Request-Id": request_id}
-        try:
-            try:
-                response = await self._session.post(self._url, data=body, headers=headers)
-            except aiohttp.ServerDisconnectedError:
-                # a pooled keep-alive connection the upstream had already closed: once more, fresh
-                response = await self._session.post(self._url, data=body, headers=headers)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise UpstreamFailure("connect", type(exc).__name__) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailure("bad_response", type(exc).__name__) from None
-        return HttpExchange(response)
+        headers = self._headers[account.name] + b"X-Request-Id: " + _header_value(request_id) + b"\r\n"
+        return await self._pool.request(b"POST", self._chat, headers, body)
 
     async def probe(self, account: AccountConfig) -> bool:
         """GET {base_url}/models with the account's key: whether it answers 2xx."""
+        headers = self._headers[account.name].partition(b"\r\n")[0] + b"\r\n"  # Authorization only
         try:
-            async with self._session.get(
-                f"{self.config.base_url}/models",
-                headers={"Authorization": self._headers[account.name]["Authorization"]},
-                timeout=aiohttp.ClientTimeout(total=self.config.timeouts.first_byte_s),
-            ) as response:
+            async with asyncio.timeout(self.config.timeouts.first_byte_s):
+                response = await self._pool.request(b"GET", self._models, headers)
+                try:
+                    while await response.read():
+                        pass
+                finally:
+                    response.close()
                 return 200 <= response.status < 300
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (UpstreamFailure, TimeoutError):
             return False
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._pool.close()
+
+
+def _header_value(value: str) -> bytes:
+    """`value` as header bytes; a line break in it would start a header of its own."""
+    encoded = value.encode()
+    if b"\r" in encoded or b"\n" in encoded or b"\0" in encoded:
+        raise ValueError("line break in a header value")
+    return encoded

@@ -127,6 +127,8 @@ def _check_shapes(data: dict[str, Any]) -> None:
                 "stream_options.include_usage", "`include_usage` must be a boolean."
             )
     request_id = data.get("request_id")
-    if request_id is not None and (type(request_id) is not str or not 0 < len(request_id) <= 200):
-        raise invalid_value("request_id", "`request_id` must be a string of 1 to 200 characters.")
+    if request_id is not None and (
+        type(request_id) is not str or not 0 < len(request_id) <= 200 or not request_id.isprintable()
+    ):
+        raise invalid_value("request_id", "`request_id` must be 1 to 200 printable characters.")
 

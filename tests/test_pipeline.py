@@ -50,6 +50,7 @@ async def post(http: Any, gateway: Gateway, body: bytes, headers: dict[str, str]
         (b'{"model": "gpt-test", "messages": [{"role": "user"}], "max_tokens": 0}', 400, "invalid_value", "max_tokens"),
         (b'{"model": "gpt-test", "messages": [{"role": "user"}], "max_tokens": true}', 400, "invalid_value", "max_tokens"),
         (b'{"model": "gpt-test", "messages": [{"role": "user"}], "stream": "yes"}', 400, "invalid_value", "stream"),
+        (b'{"model": "gpt-test", "messages": [{"role": "user"}], "request_id": "a\\r\\nX-Evil: 1"}', 400, "invalid_value", "request_id"),
         (b'{"model": "gpt-test", "messages": [{"role": "user"}], "api_base": "http://evil"}', 400, "unsupported_field", "api_base"),
         (b'{"model": "gpt-test", "messages": [{"role": "user"}], "base_url": "http://evil"}', 400, "unsupported_field", "base_url"),
         (b'{"model": "nope", "messages": [{"role": "user"}]}', 404, "model_not_found", "model"),
