@@ -19,6 +19,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from typing import cast
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -310,8 +311,7 @@ class Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

@@ -13,6 +13,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -37,6 +38,11 @@ KEY = "sk-test-team-a"
 OTHER_KEY = "sk-test-team-b"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every test runs on uvloop, the loop the gateway serves on."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 class Upstream:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trustme
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -119,6 +120,10 @@ async def body_of(pool: Pool, method: bytes = b"POST", payload: bytes = b"{}") -
 
 def pool_for(server: RawServer, **options: Any) -> Pool:
     return Pool(server.url, connect_timeout_s=2, **options)
+
+
+async def test_tests_run_on_uvloop_like_the_gateway() -> None:
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
 
 
 async def test_request_is_one_well_formed_message_and_the_connection_is_reused(raw: Any) -> None:
