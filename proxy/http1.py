@@ -18,31 +18,29 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections import deque
 from typing import cast
 from urllib.parse import urlsplit
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
+
+from .httpmessage import (
+    CHUNKED,
+    LENGTH,
+    LOW_WATER,
+    NONE,
+    UNTIL_CLOSE,
+    ChunkedDecoder,
+    Response,
+    UpstreamFailure,
+    framing,
+    parse_head,
+)
+
+__all__ = ["HIGH_WATER", "Pool", "Response", "UpstreamFailure"]
 
 MAX_HEAD = 64 * 1024  # status line and header fields
-MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
-HIGH_WATER = 256 * 1024  # unread body bytes at which the socket is paused ...
-LOW_WATER = 64 * 1024  # ... and at or under which it reads again
+HIGH_WATER = 256 * 1024  # unread body bytes at which the socket is paused (reads again at LOW_WATER)
 SPLIT_WRITE = 64 * 1024  # bodies from this size are written after the head, not copied onto it
-
-# Body framing of a response
-NONE, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
-# Where a chunked body is
-SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
-
-
-class UpstreamFailure(Exception):
-    """An attempt that got no usable answer: `kind` is `connect` or `bad_response`."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
 
 
 class _Stale(Exception):
@@ -100,10 +98,7 @@ class Pool:
             except _Stale:
                 pass  # the upstream had closed it as it was taken: once more, on a fresh one
         conn = await self._connect()
-        try:
-            return await conn.exchange(head, body, method == b"HEAD")
-        except _Stale:
-            raise UpstreamFailure("bad_response", "connection closed before an answer") from None
+        return await conn.exchange(head, body, method == b"HEAD")  # fresh: never _Stale
 
     async def close(self) -> None:
         """Closes every connection, idle or in use."""
@@ -158,85 +153,6 @@ class Pool:
         self._idle.pop(conn, None)
 
 
-class Response:
-    """One answer being read: `status` and `headers` first, then the body chunk by chunk."""
-
-    __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_done", "_error", "_waiter", "_closed")
-
-    def __init__(self, conn: Connection) -> None:
-        self.status = 0
-        self.headers: CIMultiDictProxy[str] = _NO_HEADERS
-        self._conn = conn
-        self._chunks: deque[bytes] = deque()
-        self._size = 0  # bytes in _chunks
-        self._done = False  # the whole body has arrived
-        self._error: UpstreamFailure | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._closed = False
-
-    async def read(self) -> bytes:
-        """The body received since the last read, waiting for some; b"" at the end."""
-        while True:
-            if self._chunks:
-                chunks = self._chunks
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._size = 0
-                self._conn.resume()
-                return data
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    @property
-    def finished(self) -> bool:
-        """Whether the whole body has been read."""
-        return self._done and not self._chunks and self._error is None
-
-    @property
-    def buffered(self) -> int:
-        """Body bytes received and not read yet."""
-        return self._size
-
-    def close(self) -> None:
-        """Done with this answer: its connection is pooled when the body ended cleanly and the
-        upstream keeps it alive, else aborted (an unfinished request must not go on upstream)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._conn.release(self)
-
-    # called by the connection
-
-    def _deliver(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        self._wake()
-
-    def _finish(self) -> None:
-        self._done = True
-        self._wake()
-
-    def _fail(self, error: UpstreamFailure) -> None:
-        if not self._done:
-            self._error = error
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-
-_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
-
-
 class Connection(asyncio.Protocol):
     """One upstream connection; parses each answer as its bytes arrive."""
 
@@ -251,8 +167,8 @@ class Connection(asyncio.Protocol):
         self._received = False  # any byte of the current answer arrived
         self._rest = b""  # bytes received but not parsed yet
         self._framing = NONE
-        self._remaining = 0  # LENGTH: body bytes to come; CHUNKED: of the current chunk
-        self._chunk_state = SIZE
+        self._remaining = 0  # LENGTH: body bytes to come
+        self._chunked: ChunkedDecoder | None = None
         self._paused = False
         self._lost = False
 
@@ -290,7 +206,7 @@ class Connection(asyncio.Protocol):
         if self._response is not response:
             return
         self._response = None
-        if response._done and response._error is None and self.keep_alive and not self._rest:
+        if response.done and response.error is None and self.keep_alive:
             self.reused = True
             self.resume()
             self.pool._release(self)
@@ -300,7 +216,7 @@ class Connection(asyncio.Protocol):
     def resume(self) -> None:
         if self._paused and self.transport is not None:
             response = self._response
-            if response is None or response._size <= LOW_WATER:
+            if response is None or response.buffered <= LOW_WATER:
                 self._paused = False
                 self.transport.resume_reading()
 
@@ -326,13 +242,13 @@ class Connection(asyncio.Protocol):
                 self._fail(f"connection closed before the answer's head ({_reason(exc)})")
         elif self._framing == UNTIL_CLOSE:
             self.keep_alive = False
-            response._finish()
-        elif not response._done:
+            response.finish()
+        elif not response.done:
             self._fail(f"body cut: connection closed ({_reason(exc)})")
 
     def data_received(self, data: bytes) -> None:
         response = self._response
-        if response is None or response._done:
+        if response is None or response.done:
             self.keep_alive = False  # bytes nobody asked for: the connection is out of step
             self.abort()
             return
@@ -346,7 +262,7 @@ class Connection(asyncio.Protocol):
                 return
         if data:
             self._feed(response, data)
-        if response._size > HIGH_WATER and not self._paused and self.transport is not None:
+        if response.buffered > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
 
@@ -378,7 +294,7 @@ class Connection(asyncio.Protocol):
         except ValueError as exc:
             self._fail(str(exc))
             return b""
-        self._chunk_state = SIZE
+        self._chunked = ChunkedDecoder() if self._framing == CHUNKED else None
         connection = headers.get("Connection", "").lower()
         if version_minor == b"0":
             self.keep_alive = "keep-alive" in connection and self._framing != UNTIL_CLOSE
@@ -387,7 +303,7 @@ class Connection(asyncio.Protocol):
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
         if self._framing == NONE or (self._framing == LENGTH and self._remaining == 0):
-            response._finish()
+            response.finish()
         return rest
 
     def _feed(self, response: Response, data: bytes) -> None:
@@ -396,67 +312,30 @@ class Connection(asyncio.Protocol):
             size = len(data)
             if size <= self._remaining:
                 self._remaining -= size
-                response._deliver(data)
+                response.deliver(data)
             else:  # more than the answer declared: keep its body, drop the connection
-                response._deliver(data[: self._remaining])
+                response.deliver(data[: self._remaining])
                 self._remaining = 0
                 self.keep_alive = False
             if self._remaining == 0:
-                response._finish()
+                response.finish()
         elif framing == CHUNKED:
-            self._feed_chunked(response, data)
+            decoder = self._chunked
+            assert decoder is not None
+            try:
+                parts = decoder.feed(data)
+            except ValueError as exc:
+                self._fail(str(exc))
+                return
+            for part in parts:
+                response.deliver(part)
+            if decoder.done:
+                self.keep_alive = self.keep_alive and not decoder.extra
+                response.finish()
         elif framing == UNTIL_CLOSE:
-            response._deliver(data)
+            response.deliver(data)
         else:
             self.keep_alive = False  # a body where none was due
-
-    def _feed_chunked(self, response: Response, data: bytes) -> None:
-        pos, end = 0, len(data)
-        state = self._chunk_state
-        while pos < end:
-            if state == DATA:
-                take = min(self._remaining, end - pos)
-                response._deliver(data if take == end else data[pos : pos + take])
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    state = DATA_END
-            elif state == DATA_END:
-                if end - pos < 2:
-                    break
-                if data[pos : pos + 2] != b"\r\n":
-                    self._fail("chunk not followed by CRLF")
-                    return
-                pos += 2
-                state = SIZE
-            elif state == DONE:
-                self.keep_alive = False  # bytes after the last chunk
-                break
-            else:  # SIZE or TRAILER: a line
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    if end - pos > MAX_CHUNK_LINE:
-                        self._fail("chunk-size line too long")
-                        return
-                    break
-                line = data[pos:eol]
-                pos = eol + 2
-                if state == TRAILER:
-                    if not line:
-                        state = DONE
-                        response._finish()
-                    continue
-                size = chunk_size(line)
-                if size < 0:
-                    self._fail(f"bad chunk-size line {line[:40]!r}")
-                    return
-                if size == 0:
-                    state = TRAILER
-                else:
-                    state, self._remaining = DATA, size
-        self._chunk_state = state
-        if pos < end and state != DONE:
-            self._rest = data[pos:]
 
     def _fail(self, detail: str) -> None:
         error = UpstreamFailure("bad_response", detail)
@@ -464,61 +343,12 @@ class Connection(asyncio.Protocol):
         self._fail_head(error)
         response = self._response
         if response is not None:
-            response._fail(error)
+            response.fail(error)
         self.abort()
 
     def _fail_head(self, error: Exception) -> None:
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
-
-
-def parse_head(head: bytes) -> tuple[int, bytes, CIMultiDict[str]]:
-    """(status, HTTP minor version, header fields) of an answer's head, without its final CRLFs."""
-    lines = head.split(b"\r\n")
-    line = lines[0]
-    if (
-        len(line) < 12
-        or not line.startswith(b"HTTP/1.")
-        or line[8:9] != b" "
-        or not line[9:12].isdigit()
-        or line[12:13] not in (b"", b" ")
-    ):
-        raise ValueError(f"bad status line {line[:60]!r}")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for field in lines[1:]:
-        name, colon, value = field.partition(b":")
-        if not colon or not name or name[-1:] in (b" ", b"\t") or field[:1] in (b" ", b"\t"):
-            raise ValueError(f"bad header field {field[:60]!r}")
-        headers.add(name.decode("latin-1"), value.strip(b" \t").decode("latin-1"))
-    return int(line[9:12]), line[7:8], headers
-
-
-def framing(status: int, headers: CIMultiDict[str], head_only: bool) -> tuple[int, int]:
-    """How the body of an answer is delimited (RFC 9112 §6.3): (framing, Content-Length)."""
-    if head_only or status in (204, 304):
-        return NONE, 0
-    coding = headers.get("Transfer-Encoding")
-    if coding is not None:
-        return (CHUNKED if coding.rpartition(",")[2].strip().lower() == "chunked" else UNTIL_CLOSE), 0
-    lengths = headers.getall("Content-Length", ())
-    if not lengths:
-        return UNTIL_CLOSE, 0
-    values = {value.strip() for length in lengths for value in length.split(",")}
-    value = values.pop()
-    if values or not value.isdigit():
-        raise ValueError(f"bad Content-Length {lengths!r}")
-    return LENGTH, int(value)
-
-
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-
-
-def chunk_size(line: bytes) -> int:
-    """The size a chunk-size line gives (extensions ignored); -1 when it is not one."""
-    digits = line.partition(b";")[0].rstrip(b" \t")
-    if not digits or len(digits) > 16 or not _HEX.issuperset(digits):
-        return -1
-    return int(digits, 16)
 
 
 def _reason(exc: Exception | None) -> str:

@@ -10,7 +10,8 @@ import asyncio
 from typing import Any, Mapping, Protocol
 
 from .config import AccountConfig, ProviderConfig
-from .http1 import Pool, UpstreamFailure
+from .http1 import Pool
+from .httpmessage import UpstreamFailure
 
 __all__ = ["Exchange", "OpenAIProvider", "Provider", "UpstreamFailure"]
 

@@ -15,7 +15,8 @@ import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.http1 import CHUNKED, HIGH_WATER, LENGTH, UNTIL_CLOSE, Pool, UpstreamFailure, chunk_size, framing, parse_head
+from proxy.http1 import HIGH_WATER, Pool, UpstreamFailure
+from proxy.httpmessage import CHUNKED, LENGTH, UNTIL_CLOSE, chunk_size, framing, parse_head
 
 from .conftest import closed_port_url
 
