@@ -123,9 +123,10 @@ class Bench:
             raise
         return hop
 
-    def start_floor(self, upstream: str) -> Hop:
+    def start_floor(self, upstream: str, client: str = "aiohttp") -> Hop:
         port = free_port()
-        argv = [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", upstream]
+        argv = [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", upstream,
+                "--client", client]
         proc = self.procs.start("floor", argv, cores=self.cores.gateway)
         try:
             wait_listening(proc, port)
@@ -143,8 +144,8 @@ class Bench:
             self.procs.stop(hop.proc)
 
     @contextlib.contextmanager
-    def floor(self, upstream: str) -> Iterator[Hop]:
-        hop = self.start_floor(upstream)
+    def floor(self, upstream: str, client: str = "aiohttp") -> Iterator[Hop]:
+        hop = self.start_floor(upstream, client)
         try:
             yield hop
         finally:

@@ -20,6 +20,7 @@ from .load import GATEWAY_KEY, chat_body, write_lua
 from .procs import ProcError
 
 CHAT_MODEL = "bench-chat"
+FLOOR_HTTP1 = "floor, llm-proxy's HTTP client"
 RATIO_KEYS = ("rps", "p50_ms", "p99_ms", "cpu_us")
 HOP_COLUMNS = [
     ["req/s", "rps", "n0", "rps_x_floor"],
@@ -47,6 +48,8 @@ def hop_rounds(bench: Bench) -> dict[str, list[dict[str, Any]]]:
         rounds["direct"].append(bench.measure(None, bench.nginx + "/v1/chat/completions", script, "direct"))
         with bench.floor(bench.nginx) as hop:
             rounds["floor"].append(bench.measure(hop, hop.chat_url, script, "floor"))
+        with bench.floor(bench.nginx, client="http1") as hop:
+            rounds[FLOOR_HTTP1].append(bench.measure(hop, hop.chat_url, script, FLOOR_HTTP1))
         for step in (DEFAULT, *LADDER):
             rounds[step.name].append(_measure_step(bench, step, script))
     return dict(rounds)
@@ -62,9 +65,13 @@ def _measure_step(bench: Bench, step: Step, script: Path) -> dict[str, Any]:
 def non_streaming(bench: Bench, rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """(a) direct to nginx, the floor and llm-proxy with its default config, 50 connections."""
     floor = median_row(rounds["floor"])
+    mine = median_row(rounds[DEFAULT.name])
+    floor_http1 = median_row(rounds[FLOOR_HTTP1])
     rows = [{"target": "direct to nginx", **median_row(rounds["direct"])},
             {"target": "floor (bench/floor.py)", **floor},
-            with_ratios({"target": "llm-proxy", **median_row(rounds[DEFAULT.name])}, floor, RATIO_KEYS)]
+            with_ratios({"target": f"{FLOOR_HTTP1} (bench/floor.py --client http1)", **floor_http1},
+                        floor, RATIO_KEYS),
+            with_ratios({"target": "llm-proxy", **mine}, floor, RATIO_KEYS)]
     return {
         "id": "a",
         "title": f"(a) Non-streaming, {bench.params.connections} connections, ~1 KB body",
@@ -74,6 +81,9 @@ def non_streaming(bench: Bench, rounds: dict[str, list[dict[str, Any]]]) -> dict
         "rows": rows,
         "rounds": rounds,
         "notes": [f"llm-proxy config: {DEFAULT.note}.",
+                  (f"The floor forwards with aiohttp's client, llm-proxy with its own (`proxy/http1.py`). "
+                   f"Over the floor with that same client, llm-proxy's defaults take "
+                   f"{_ratio(mine, floor_http1)} the CPU per request."),
                   f"Medians over {bench.params.rounds} interleaved round(s) with the ladder (b).",
                   ("Direct to nginx: wrk and nginx share the load core, so it is a ceiling of the "
                    "load side, not of the hop.")],
@@ -93,11 +103,22 @@ def ladder(bench: Bench, rounds: dict[str, list[dict[str, Any]]]) -> dict[str, A
                ["Redis commands/req", "redis_per_req", "f2", None],
                ["redis-server CPU µs/req", "redis_cpu_us", "n0", None], ["config", "config", "text", None]]
     return {"id": "b", "title": f"(b) Cost ladder, {bench.params.connections} connections, ~1 KB body",
-            "columns": columns, "rows": rows, "notes": _limits_notes(bench, rows)}
+            "columns": columns, "rows": rows,
+            "notes": _limits_notes(bench, rows, median_row(rounds[FLOOR_HTTP1]))}
 
 
-def _limits_notes(bench: Bench, rows: list[dict[str, Any]]) -> list[str]:
-    notes = [f"Medians over {bench.params.rounds} interleaved round(s); the floor is (a)'s."]
+def _ratio(row: dict[str, Any], base: dict[str, Any]) -> str:
+    mine, theirs = row.get("cpu_us"), base.get("cpu_us")
+    return f"{mine / theirs:.2f}×" if isinstance(mine, (int, float)) and theirs else "n/a"
+
+
+def _limits_notes(
+    bench: Bench, rows: list[dict[str, Any]], floor_http1: dict[str, Any]
+) -> list[str]:
+    notes = [f"Medians over {bench.params.rounds} interleaved round(s); the floor is (a)'s.",
+             (f"Over the floor with llm-proxy's own HTTP client ((a), {floor_http1.get('cpu_us', 0):,.0f} "
+              f"µs/req), the last step (every feature on) takes {_ratio(rows[-1], floor_http1)} the CPU "
+              f"per request.")]
     allowed, sent = limits_probe(bench)
     if allowed == sent:
         notes.append(f"Key limits are not enforced by this build (with `limits: {{rpm: 2}}`, {allowed} of "
