@@ -5,6 +5,7 @@ serves TLS with a throwaway CA."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from proxy.http1 import HIGH_WATER, Pool, UpstreamFailure
 from proxy.httpmessage import CHUNKED, LENGTH, UNTIL_CLOSE, chunk_size, framing, parse_head
 
-from .conftest import closed_port_url
+from .conftest import KEY, closed_port_url, completion_body, make_config
 
 # An answer: the pieces to write (a pause between them, so each arrives on its own), and whether
 # to close the connection after them.
@@ -369,10 +370,15 @@ async def test_close_aborts_connections_in_use(raw: Any) -> None:
     assert caught.value.kind == "connect"
 
 
+def tls_server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    return context
+
+
 async def test_https_with_a_verified_certificate() -> None:
     ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server_context)
+    server_context = tls_server_context(ca)
 
     async def handle(request: web.Request) -> web.Response:
         return web.json_response({"path": request.path, "host": request.host, "body": (await request.read()).decode()})
@@ -422,3 +428,55 @@ def test_parse_head_and_framing() -> None:
 def test_only_http_urls(url: str) -> None:
     with pytest.raises(ValueError):
         Pool(url, connect_timeout_s=1)
+
+
+async def test_connect_timeout_is_a_connect_failure() -> None:
+    # a listener that never accepts, its queue already full: new connections get no answer
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        await asyncio.sleep(0.05)
+        pool = Pool(f"http://127.0.0.1:{port}/v1", connect_timeout_s=0.2)
+        with pytest.raises(UpstreamFailure) as caught:
+            await body_of(pool)
+        assert caught.value.kind == "connect" and "connect timeout after 0.2s" in caught.value.detail
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+async def test_gateway_serves_from_an_https_upstream_trusted_through_ssl_cert_file(
+    start_gateway: Any, http: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    ca = trustme.CA()
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # the system store, as an operator points it
+
+    async def handle(request: web.Request) -> web.Response:
+        assert request.headers["Authorization"] == "Bearer sk-upstream-0"
+        return web.json_response(completion_body("over TLS"))
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(ssl=tls_server_context(ca))
+    try:
+        gateway = await start_gateway(make_config([f"https://localhost:{server.port}/v1"]))
+        chat = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat, headers=headers) as response:
+            assert response.status == 200
+            answer = await response.json()
+        assert answer["choices"][0]["message"]["content"] == "over TLS"
+    finally:
+        await server.close()
