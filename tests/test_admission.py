@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from proxy.admission import openai_duration
 from proxy.config import Config, Limits, RedisConfig
@@ -136,16 +137,35 @@ async def test_fail_closed_with_redis_down_is_503(
             await asyncio.sleep(0.1)
 
 
-async def test_fail_open_with_redis_down_still_serves(
+async def test_fail_open_serves_through_an_outage_and_shares_again_after_a_restart(
     http: Any, upstream: Upstream, start_gateway: Any, redis_server: RedisProcess
 ) -> None:
     redis = RedisConfig(url=redis_server.url, timeout_ms=100, on_error="fail_open")
-    gateway = await start_gateway(limited(make_config([upstream.url]), redis, key=Limits(rpm=100)))
+    config = limited(make_config([upstream.url]), redis, key=Limits(rpm=100), budget=1_000_000)
+    gateway = await start_gateway(config)
     redis_server.stop()
     for _ in range(5):
         assert (await post(http, gateway.url))[0] == 200
-    async with http.get(f"{gateway.url}/metrics") as response:
-        assert "llm_proxy_redis_degraded 1.0" in await response.text()
+    assert await degraded(http, gateway.url) == "1.0"
+    await asyncio.to_thread(redis_server.start)  # restarted empty: no persistence
+    async with asyncio.timeout(10):
+        while await degraded(http, gateway.url) != "0.0":
+            await asyncio.sleep(0.1)
+    assert (await post(http, gateway.url))[0] == 200
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with asyncio.timeout(5):  # the outage's usage reaches Redis: 6 requests × 7 tokens
+            while await raw.get("{llm-proxy}:budget:team-a") != b"42":
+                await asyncio.sleep(0.05)
+    finally:
+        await raw.aclose()
+
+
+async def degraded(http: Any, url: str) -> str:
+    async with http.get(f"{url}/metrics") as response:
+        text = await response.text()
+    line = next(row for row in text.splitlines() if row.startswith("llm_proxy_redis_degraded "))
+    return line.split()[1]
 
 
 @pytest.mark.parametrize(
