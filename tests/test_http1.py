@@ -480,3 +480,52 @@ async def test_gateway_serves_from_an_https_upstream_trusted_through_ssl_cert_fi
         assert answer["choices"][0]["message"]["content"] == "over TLS"
     finally:
         await server.close()
+
+
+async def test_many_concurrent_requests_over_misbehaving_connections_never_mix_answers(raw: Any) -> None:
+    """Each request names itself; the server answers it in a way chosen by that name: whole, chunked,
+    then closing, followed by bytes it should not send, or broken. Every request gets its own answer or a bad_response, none hangs, and
+    no connection is left in use."""
+    modes = ["length", "chunked", "close", "overlong", "cut_head", "cut_body", "garbage"]
+
+    def mode_of(ident: int) -> str:
+        return modes[ident * 7 % len(modes)]
+
+    def script(n: int, request: bytes) -> Answer:
+        ident = request.partition(b"\r\n\r\n")[2]
+        mode = mode_of(int(ident))
+        if mode == "length":
+            return [answer(ident)], False
+        if mode == "chunked":
+            whole = chunked(*([ident[:1], ident[1:]] if len(ident) > 1 else [ident]))
+            return [whole[:20], whole[20:]], False
+        if mode == "close":
+            return [answer(ident, extra=b"Connection: close\r\n")], True
+        if mode == "overlong":  # a second answer nobody asked for, as if smuggled: must never be read
+            return [answer(ident) + answer(b"smuggled")], False
+        if mode == "cut_head":
+            return [b"HTTP/1.1 200 OK\r\nContent-"], True
+        if mode == "cut_body":
+            return [b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n" + ident], True
+        return [b"HTTP/9 what\r\n\r\n"], True
+
+    server = await raw(script)
+    pool = pool_for(server)
+    semaphore = asyncio.Semaphore(20)
+
+    async def one(ident: int) -> None:
+        async with semaphore:
+            try:
+                async with asyncio.timeout(5):
+                    status, body = await body_of(pool, payload=b"%d" % ident)
+            except UpstreamFailure as failure:
+                assert mode_of(ident) in ("cut_head", "cut_body", "garbage"), (ident, failure.detail)
+                assert failure.kind == "bad_response"
+                return
+            assert mode_of(ident) in ("length", "chunked", "close", "overlong")
+            assert (status, body) == (200, b"%d" % ident)
+
+    await asyncio.gather(*(one(ident) for ident in range(400)))
+    await asyncio.sleep(0.05)
+    assert pool.connections == pool.idle <= 20
+    await pool.close()
