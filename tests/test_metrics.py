@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -35,7 +36,17 @@ async def test_requests_tokens_attempts_and_retries_are_counted(
     bad, good = await make_upstream(), await make_upstream()
     bad.handler = completion_handler(500, b"{}")
     good.handler = completion_handler()
-    gateway = await start_gateway(make_config([bad.url, good.url]), registry=CollectorRegistry())
+    config = make_config([bad.url, good.url])
+    bad_provider = config.providers["up0"]  # tried first: the bad account is certain to be attempted
+    bad_account = dataclasses.replace(bad_provider.accounts[0], priority=0)
+    good_provider = config.providers["up1"]
+    good_account = dataclasses.replace(good_provider.accounts[0], priority=1)
+    providers = {
+        "up0": dataclasses.replace(bad_provider, accounts=(bad_account,)),
+        "up1": dataclasses.replace(good_provider, accounts=(good_account,)),
+    }
+    config = dataclasses.replace(config, providers=providers)
+    gateway = await start_gateway(config, registry=CollectorRegistry())
     for _ in range(4):
         async with http.post(f"{gateway.url}/v1/chat/completions", json=GOOD, headers=AUTH) as r:
             assert r.status == 200
