@@ -1,7 +1,7 @@
 """Runtime state of every upstream account and provider, and the choice of one per attempt.
 
-Owns health (breakers, cooldown, quarantine, disabled), in-flight counts, upstream headroom,
-sticky sessions and the routing strategies of SPEC §5. Pure: takes `now`; must not do I/O or
+Owns the pool across reloads, the breakers, sticky sessions and the routing strategies of SPEC §5
+(one account's health and headroom: `proxy.account`). Pure: takes `now`; must not do I/O or
 import aiohttp/redis. Fallback models are the pipeline's business (one choose() per model).
 """
 
@@ -13,9 +13,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Collection, Mapping, Sequence
 
+from proxy.account import Account
 from proxy.breaker import Breaker, BreakerState, Outcome, Ticket
 from proxy.config import AccountConfig, Config, ModelConfig, ProviderConfig, Target
-from proxy.faults import DEFAULT_COOLDOWN_S, Fault, Headroom, Verdict, read_headroom
+from proxy.faults import Fault, Verdict, read_headroom
 
 # A probe is only declared hung once the pipeline's own total timeout must have ended it.
 PROBE_GRACE_S = 5.0
@@ -29,51 +30,7 @@ _OUTCOMES = {
     Fault.NONE: Outcome.SUCCESS, Fault.CALLER: Outcome.SUCCESS, Fault.TRANSIENT: Outcome.FAILURE,
 }
 
-Candidate = tuple["Account", Target]
-
-
-class Account:
-    """Mutable runtime state of one upstream account; the same object survives config reloads."""
-
-    __slots__ = (
-        "provider", "config", "id", "breaker", "provider_breaker", "inflight", "cooldown_until",
-        "quarantined", "disabled", "last_error", "remaining_requests", "remaining_tokens",
-        "headroom_until", "rr_credit",
-    )
-
-    def __init__(
-        self, *, provider: ProviderConfig, config: AccountConfig, breaker: Breaker,
-        provider_breaker: Breaker,
-    ) -> None:
-        self.provider = provider
-        self.config = config
-        self.id = f"{provider.name}/{config.name}"
-        self.breaker = breaker
-        self.provider_breaker = provider_breaker
-        self.inflight = 0
-        self.cooldown_until = 0.0
-        self.quarantined: str | None = None
-        self.disabled: str | None = None
-        self.last_error: str | None = None
-        self.remaining_requests: int | None = None
-        self.remaining_tokens: int | None = None
-        self.headroom_until = 0.0
-        self.rr_credit = 0.0  # smooth weighted round robin state
-
-    def __repr__(self) -> str:
-        return f"Account({self.id!r})"
-
-    def healthy(self, now: float) -> bool:
-        """Usable but for the breakers: not benched by an account fault, under its in-flight cap."""
-        cap = self.config.max_concurrency
-        return (
-            self.quarantined is None and self.disabled is None and self.cooldown_until <= now
-            and (cap is None or self.inflight < cap)
-        )
-
-    def has_headroom(self, now: float) -> bool:
-        exhausted = self.remaining_requests == 0 or self.remaining_tokens == 0
-        return not exhausted or self.headroom_until <= now
+Candidate = tuple[Account, Target]
 
 
 @dataclass(slots=True)
@@ -181,10 +138,10 @@ class Accounts:
         account.inflight = max(0, account.inflight - 1)
         headroom = read_headroom(headers) if headers is not None else None
         if headroom is not None:
-            _record_headroom(account, headroom, now)
+            account.record_headroom(headroom, now)
         outcome = _OUTCOMES.get(verdict.fault, Outcome.NEUTRAL)
         if not cancelled:
-            _apply_fault(account, verdict, now)
+            account.apply_fault(verdict, now)
         _settle(attempt.account_breaker, attempt.account_ticket, outcome, cancelled, now)
         _settle(attempt.provider_breaker, attempt.provider_ticket, outcome, cancelled, now)
 
@@ -193,13 +150,6 @@ class Accounts:
 
     def quarantined(self) -> list[Account]:
         return [account for account in self._by_id.values() if account.quarantined is not None]
-
-    def available(self, account: Account, now: float) -> bool:
-        """Could serve a request right now (any group, any model)."""
-        return (
-            account.healthy(now) and account.breaker.can_pass(now)
-            and account.provider_breaker.can_pass(now)
-        )
 
     def breaker_states(self, now: float) -> list[tuple[str, str, BreakerState]]:
         """(provider, account, state) per account, and per provider with account "*"."""
@@ -213,32 +163,13 @@ class Accounts:
 
     def availability(self, now: float) -> list[tuple[str, str, bool]]:
         return [
-            (account.provider.name, account.config.name, self.available(account, now))
+            (account.provider.name, account.config.name, account.available(now))
             for account in self._by_id.values()
         ]
 
     def snapshot(self, now: float) -> list[dict[str, object]]:
         """Per account, JSON-ready; times are seconds from `now` (None when not pending)."""
-        return [
-            {
-                "provider": account.provider.name,
-                "account": account.config.name,
-                "breaker": account.breaker.state(now).name.lower(),
-                "retry_at": _seconds_until(account.breaker.retry_at(now), now),
-                "provider_breaker": account.provider_breaker.state(now).name.lower(),
-                "provider_retry_at": _seconds_until(account.provider_breaker.retry_at(now), now),
-                "cooldown_until": _seconds_until(account.cooldown_until, now),
-                "quarantined": account.quarantined,
-                "disabled": account.disabled,
-                "inflight": account.inflight,
-                "max_concurrency": account.config.max_concurrency,
-                "last_error": account.last_error,
-                "remaining_requests": account.remaining_requests,
-                "remaining_tokens": account.remaining_tokens,
-                "available": self.available(account, now),
-            }
-            for account in self._by_id.values()
-        ]
+        return [account.snapshot(now) for account in self._by_id.values()]
 
     def _breaker(self, provider: ProviderConfig, old: Breaker | None) -> Breaker:
         probe_timeout_s = provider.timeouts.total_s + PROBE_GRACE_S
@@ -370,21 +301,6 @@ def _passes_again_at(account: Account, now: float) -> float:
     return at
 
 
-def _apply_fault(account: Account, verdict: Verdict, now: float) -> None:
-    fault = verdict.fault
-    if fault is Fault.NONE or fault is Fault.CALLER:
-        return
-    reason = verdict.reason or fault.value
-    account.last_error = reason
-    if fault is Fault.QUARANTINE:
-        account.quarantined = reason
-    elif fault is Fault.DISABLE:
-        account.disabled = reason
-    elif fault is Fault.COOLDOWN:
-        until = verdict.until if verdict.until is not None else now + DEFAULT_COOLDOWN_S
-        account.cooldown_until = max(account.cooldown_until, until)
-
-
 def _settle(
     breaker: Breaker, ticket: Ticket | None, outcome: Outcome, cancelled: bool, now: float
 ) -> None:
@@ -393,13 +309,3 @@ def _settle(
     if cancelled:
         outcome = Outcome.FAILURE if ticket.probe else Outcome.NEUTRAL
     breaker.record(ticket, outcome, now)
-
-
-def _record_headroom(account: Account, headroom: Headroom, now: float) -> None:
-    account.remaining_requests = headroom.remaining_requests
-    account.remaining_tokens = headroom.remaining_tokens
-    account.headroom_until = now + headroom.reset_s if headroom.reset_s > 0 else 0.0
-
-
-def _seconds_until(moment: float | None, now: float) -> float | None:
-    return moment - now if moment is not None and moment > now else None

@@ -14,7 +14,7 @@ from .ratelimit import Grant
 from .validation import ChatRequest
 
 if TYPE_CHECKING:
-    from .accounts import Account
+    from .account import Account
     from .gateway import Gateway
 
 

@@ -1,9 +1,9 @@
 """`RedisLimiter`: the shared store of rate limits and budgets, with its fallback (SPEC §6).
 
 Owns the round trips: admissions and settlements coalesced into one script call at a time, lease
-renewal, the replica heartbeat, and what happens while Redis is unreachable (a process-local
-`LocalLimiter` sized limit ÷ replicas, or 503). The decisions themselves are made by the script
-(`proxy.limitscript`). Must not import aiohttp nor render errors.
+renewal, the replica heartbeat, and noticing when Redis is unreachable and back (what admits
+meanwhile is `proxy.outage`). The decisions themselves are made by the script (`proxy.limitscript`).
+Must not import aiohttp nor render errors.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import orjson
@@ -22,10 +22,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from . import errors
 from .config import RedisConfig
 from .limitscript import BATCH_LUA, HEARTBEAT_LUA, Batch, KeyNames, Record, decode_outcome
-from .ratelimit import CONCURRENCY, Ask, Bucket, Grant, LocalLimiter, Refusal
+from .outage import OutageFallback
+from .ratelimit import CONCURRENCY, Ask, Bucket, Grant, Refusal
 
 log = logging.getLogger("llm_proxy.redislimits")
 
@@ -68,7 +68,7 @@ class RedisLimiter:
         heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self._timeout_s = config.timeout_ms / 1000
-        self._fail_closed = config.on_error == "fail_closed"
+        self._fallback = OutageFallback(fail_closed=config.on_error == "fail_closed")
         self._owns_client = client is None
         self._client = client if client is not None else _connect(config.url, self._timeout_s)
         self._batch_script = self._client.register_script(BATCH_LUA)
@@ -77,18 +77,13 @@ class RedisLimiter:
         self._lease_ttl_s = lease_ttl_s
         self._heartbeat_s = heartbeat_s
         self._names = KeyNames()
-        self._local = LocalLimiter()
         self._seq = 0
         self._waiters: list[_Waiter] = []
         self._settles: list[Record] = []
-        self._backlog: dict[str, int] = {}  # budget usage of fallback grants, not yet in Redis
         self._retry_units: list[tuple[str, list[Record]]] = []
         self._renewals: list[tuple[Bucket, str]] = []
         self._live: dict[str, Grant] = {}  # unsettled shared grants holding leases
-        self._budget_seen: dict[str, int] = {}  # key -> last count Redis showed + own usage
         self._flush_waiters: list[asyncio.Future[None]] = []
-        self._scaled: dict[Bucket, Bucket] = {}
-        self._replicas = 1
         self._failures = 0
         self._degraded = False
         self._closed = False
@@ -106,7 +101,7 @@ class RedisLimiter:
     @property
     def replicas(self) -> int:
         """Live replicas last seen in Redis (1 if never seen): the fallback's divisor."""
-        return self._replicas
+        return self._fallback.replicas
 
     async def start(self) -> None:
         """Registers this replica and starts the flusher, heartbeat and lease renewal."""
@@ -120,7 +115,7 @@ class RedisLimiter:
     async def admit(self, ask: Ask) -> Grant | Refusal:
         """Decided by Redis together with whatever else is waiting; locally when it cannot."""
         if self._degraded or self._closed:
-            return self._fall_back(ask)
+            return self._fallback.admit(ask)
         wake = self._ensure_flusher()
         loop = self._running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
@@ -130,24 +125,18 @@ class RedisLimiter:
         if not wake.is_set():
             wake.set()
         outcome = await future
-        return self._fall_back(ask) if outcome is None else outcome
+        return self._fallback.admit(ask) if outcome is None else outcome
 
     def settle(self, grant: Grant, used_tokens: int) -> None:
         """Queues the settlement for the next script call; never blocks, never drops it."""
         if grant.settled:
             return
         used = max(0, used_tokens)
-        key = grant.budget_key
-        if key is not None:
-            self._budget_seen[key] = self._budget_seen.get(key, 0) + used
-        if not grant.remote:
-            self._local.settle(grant, used)
-            if key is not None and used:
-                self._backlog[key] = self._backlog.get(key, 0) + used
-        else:
+        self._fallback.settle(grant, used)
+        if grant.remote:
             grant.settled = True
             self._live.pop(grant.id, None)
-            self._settles.append((grant.id, grant.leases, grant.reserved, key, used))
+            self._settles.append((grant.id, grant.leases, grant.reserved, grant.budget_key, used))
         if self._linger is None and not self._degraded and self._loop is not None:
             wake = self._ensure_flusher()
             self._linger = self._loop.call_later(SETTLE_LINGER_S, wake.set)
@@ -175,26 +164,6 @@ class RedisLimiter:
             await self._bounded(leave)
         if self._owns_client:
             await self._client.aclose()
-
-    def _fall_back(self, ask: Ask) -> Grant | Refusal:
-        """SPEC §6 while Redis cannot answer: 503, or local buckets of limit ÷ replicas."""
-        if self._fail_closed:
-            raise errors.ratelimit_unavailable()
-        key, budget = ask.budget_key, ask.budget_limit
-        if key is not None and budget is not None and self._budget_seen.get(key, 0) >= budget:
-            return Refusal(None, 0.0, {})
-        return self._local.admit_now(Ask(self._scale(ask.buckets), ask.tokens, budget_key=key))
-
-    def _scale(self, buckets: Sequence[Bucket]) -> tuple[Bucket, ...]:
-        scaled = []
-        for bucket in buckets:
-            local = self._scaled.get(bucket)
-            if local is None:
-                limit = max(1, bucket.limit // self._replicas)
-                local = Bucket(bucket.scope, bucket.name, bucket.dimension, limit)
-                self._scaled[bucket] = local
-            scaled.append(local)
-        return tuple(scaled)
 
     def _ensure_flusher(self) -> asyncio.Event:
         if self._wake is None:
@@ -246,7 +215,8 @@ class RedisLimiter:
 
     def _has_work(self) -> bool:
         return bool(
-            self._waiters or self._settles or self._backlog or self._retry_units or self._renewals
+            self._waiters or self._settles or self._fallback.backlog or self._retry_units
+            or self._renewals
         )
 
     async def _send(self) -> None:
@@ -285,9 +255,9 @@ class RedisLimiter:
     def _take_units(self) -> list[tuple[str, list[Record]]]:
         units, self._retry_units = self._retry_units, []
         records = self._settles
-        if self._backlog:
-            records += [("", (), (), key, used) for key, used in self._backlog.items()]
-            self._backlog = {}
+        backlog = self._fallback.take_backlog()
+        if backlog:
+            records += [("", (), (), key, used) for key, used in backlog.items()]
         if records:
             self._seq += 1
             units.append((f"{self._replica}:u{self._seq}", records))
@@ -314,7 +284,7 @@ class RedisLimiter:
         if self._closed:  # shutting down: stop sending, nothing to probe for
             log.warning("redis unreachable at shutdown (%r); pending settlements are lost", exc)
             return
-        mode = "fail_closed" if self._fail_closed else "fail_open"
+        mode = "fail_closed" if self._fallback.fail_closed else "fail_open"
         log.warning("redis unreachable (%r); rate limits now %s", exc, mode)
         self._abandon(self._waiters)
         self._waiters = []
@@ -361,7 +331,7 @@ class RedisLimiter:
     def _resolve(self, waiter: _Waiter, result: list[Any]) -> None:
         outcome, used = decode_outcome(waiter.member, waiter.ask, result)
         if used is not None and waiter.ask.budget_key is not None:
-            self._budget_seen[waiter.ask.budget_key] = used
+            self._fallback.see_budget(waiter.ask.budget_key, used)
         if not waiter.future.done():
             if isinstance(outcome, Grant) and outcome.leases:
                 self._live[outcome.id] = outcome
@@ -377,9 +347,8 @@ class RedisLimiter:
         count = await self._bounded(
             self._heartbeat_script(keys=[self._names.replicas], args=[self._replica, ttl])
         )
-        if count is not None and max(1, int(count)) != self._replicas:
-            self._replicas = max(1, int(count))
-            self._scaled = {}
+        if count is not None:
+            self._fallback.see_replicas(max(1, int(count)))
 
     async def _renew(self) -> None:
         """Store-wide: every live lease gets a fresh expiry in the next script call."""

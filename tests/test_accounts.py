@@ -10,7 +10,8 @@ from types import MappingProxyType
 import pytest
 
 from proxy import accounts as accounts_module
-from proxy.accounts import Account, Accounts, Attempt, Choice
+from proxy.account import Account
+from proxy.accounts import Accounts, Attempt, Choice
 from proxy.breaker import BreakerState, Outcome
 from proxy.config import (
     AccountConfig, BreakerConfig, Config, ModelConfig, ProviderConfig, RoutingConfig,
