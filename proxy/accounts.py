@@ -13,10 +13,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Collection, Mapping, Sequence
 
-from proxy.account import Account
-from proxy.breaker import Breaker, BreakerState, Outcome, Ticket
-from proxy.config import AccountConfig, Config, ModelConfig, ProviderConfig, Target
-from proxy.faults import Fault, Verdict, read_headroom
+from .account import Account
+from .breaker import Breaker, BreakerState, Outcome, Ticket
+from .config import AccountConfig, Config, ModelConfig, ProviderConfig, Target
+from .faults import Fault, Verdict, read_headroom
 
 # A probe is only declared hung once the pipeline's own total timeout must have ended it.
 PROBE_GRACE_S = 5.0

@@ -11,7 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from proxy.config import BreakerConfig
+from .config import BreakerConfig
 
 # Re-opening doubles the open time; past 2^32 the cap has long since taken over, and an unbounded
 # exponent would overflow the float.

@@ -6,7 +6,7 @@ aiohttp/redis; one instance per process (not shared through Redis).
 
 from __future__ import annotations
 
-from proxy.breaker import SlidingWindow
+from .breaker import SlidingWindow
 
 
 class RetryBudget:
