@@ -85,6 +85,15 @@ def _is_http_url(value: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+def _header_text(value: str) -> str | None:
+    """Text sent in a header line, where a line break would end it (and start another)."""
+    if not value:
+        return "must not be empty"
+    if not value.isprintable():
+        return "must not contain line breaks or control characters"
+    return None
+
+
 _NON_EMPTY = make_rule(bool, "must not be empty")
 _NOT_NEGATIVE = make_rule(lambda value: value >= 0, "must be >= 0")
 _POSITIVE = make_rule(lambda value: value > 0, "must be > 0")
@@ -134,7 +143,7 @@ _BREAKER: Spec = {
 }
 _ACCOUNT: Spec = {
     "name": (str, _NON_EMPTY),
-    "api_key": (str, _NON_EMPTY),
+    "api_key": (str, _header_text),
     "weight": (float, _POSITIVE),
     "priority": (int, _NOT_NEGATIVE),
     "max_concurrency": (int, _POSITIVE),

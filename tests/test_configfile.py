@@ -327,6 +327,10 @@ REJECTED = [
         "providers.openai.accounts: at least one account is required",
     ),
     (
+        {"providers.openai.accounts[0].api_key": "sk-abc\n"},  # e.g. a secret file's last newline
+        "providers.openai.accounts[0].api_key: must not contain line breaks or control characters",
+    ),
+    (
         {"providers.openai.latency_ms": 5},
         "providers.openai.latency_ms: only allowed for type mock",
     ),
