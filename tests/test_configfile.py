@@ -327,7 +327,7 @@ REJECTED = [
         "providers.openai.accounts: at least one account is required",
     ),
     (
-        {"providers.openai.accounts[0].api_key": "sk-abc\n"},  # e.g. a secret file's last newline
+        {"providers.openai.accounts[0].api_key": "sk-abc\n"},  # e.g. a "\n" escape in a quoted string
         "providers.openai.accounts[0].api_key: must not contain line breaks or control characters",
     ),
     (
