@@ -139,9 +139,9 @@ class Breaker:
         return self._state
 
     def can_pass(self, now: float) -> bool:
-        self._refresh(now)
-        if self._state is BreakerState.CLOSED:
+        if self._state is BreakerState.CLOSED:  # nothing to refresh (the common case, kept cheap)
             return True
+        self._refresh(now)  # open -> half-open, or an expired probe re-opens: never closes
         return self._state is BreakerState.HALF_OPEN and len(self._probes) < self._probe_slots()
 
     def enter(self, now: float) -> Ticket | None:
