@@ -1,0 +1,173 @@
+"""CPU per request of each stage of llm-proxy's own request path, measured alone, in process.
+
+The cost ladder of `bench/run` measures whole requests, where a 10 µs feature hides in 10–20 %
+of machine noise, and py-spy over-weights lines next to system calls. This times each stage's
+own functions in a loop (warm caches, no I/O), with the benchmarks' every-feature config (key
+limits in process, 3 accounts, metrics, access log), so the stages can be compared with each
+other exactly. In a serving process each costs more (colder caches), so the sum is a floor for
+what the features add.
+
+    .venv/bin/python -m bench.stages [--iterations N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+import uvloop
+import yaml
+from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import CollectorRegistry
+
+from proxy.accesslog import AccessLog
+from proxy.admission import admit, ratelimit_headers, settle_limits
+from proxy.call import Call
+from proxy.configfile import parse_config
+from proxy.faults import Fault, Verdict
+from proxy.forward import Clock
+from proxy.gateway import Gateway
+from proxy.metrics import Metrics
+from proxy.ratelimit import LocalLimiter
+from proxy.validation import parse_chat_request
+
+from .configs import LADDER, gateway_config, provider
+from .load import GATEWAY_KEY, chat_body
+from .upstreams import CHAT_COMPLETION
+
+MODEL = "bench-chat"
+SUCCESS = Verdict(Fault.NONE)
+UPSTREAM_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json", "Content-Length": "614"}))
+
+
+def build_gateway() -> Gateway:
+    """The last ladder step's config, with the in-process limiter (no Redis round trips here)."""
+    step = LADDER[-1]
+    data = gateway_config(port=0, providers={MODEL: provider("http://127.0.0.1:9/v1", step.accounts)}, step=step)
+    config = parse_config(yaml.safe_dump(data), os.environ)
+    return Gateway(config=config, limiter=LocalLimiter(), metrics=Metrics(CollectorRegistry()))
+
+
+def stages(gateway: Gateway, access_log: AccessLog) -> dict[str, Callable[[], Awaitable[None]]]:
+    """Each stage as one request would run it; each returns to the same state (settles what it takes)."""
+    body = chat_body(model=MODEL)
+    chat = parse_chat_request(body)
+    key = gateway.authenticate(GATEWAY_KEY)
+    assert key is not None
+    model = gateway.models[MODEL]
+    timeouts = next(iter(gateway.config.providers.values())).timeouts
+
+    def new_call() -> Call:
+        call = Call(gateway=gateway, request_id="req_0123456789ab0000000001", started=time.perf_counter())
+        call.key, call.chat, call.model, call.body = key, chat, model, body
+        return call
+
+    async def authenticate() -> None:
+        gateway.authenticate(GATEWAY_KEY)
+
+    async def validate() -> None:
+        parse_chat_request(body)
+
+    async def limits() -> None:
+        call = new_call()
+        await admit(call)
+        call.prompt_tokens, call.completion_tokens = 5, 2
+        settle_limits(call)
+
+    async def headers() -> None:
+        call = new_call()
+        call.extra_headers.update(ratelimit_headers(gateway.buckets.keys[key.name], LEVELS))
+        call.response_headers({"Content-Type": "application/json"})
+
+    async def scheduling() -> None:
+        call = new_call()
+        now = asyncio.get_running_loop().time()
+        choice = gateway.accounts.choose(model=model, group=key.group, tried=call.tried, session=None, now=now)
+        gateway.retry_budget.record_first(now)
+        attempt = gateway.accounts.begin(choice, now)
+        gateway.accounts.finish(attempt, SUCCESS, now, headers=UPSTREAM_HEADERS)
+
+    async def deadline() -> None:
+        clock = Clock(timeouts)
+        async with clock.timer:
+            pass
+
+    async def answer() -> None:
+        call = new_call()
+        parsed = __import__("orjson").loads(CHAT_COMPLETION)
+        call.record_usage(parsed.get("usage"))
+
+    async def metrics() -> None:
+        assert gateway.metrics is not None
+        m = gateway.metrics
+        m.record_request(model=MODEL, key=key.name, status=200, error_type="", stream=False,
+                         duration_s=0.012, upstream_s=0.01)
+        m.record_tokens(model=MODEL, key=key.name, prompt=5, completion=2)
+        m.ttft((MODEL, MODEL)).observe(0.011)
+        m.record_attempt(provider=MODEL, account="acct-1", outcome="success", duration_s=0.01)
+
+    async def log_line() -> None:
+        access_log.write({
+            "request_id": "req_0123456789ab0000000001", "key": key.name, "model": MODEL,
+            "provider": MODEL, "account": "acct-1", "attempts": 1, "status": 200, "error_type": None,
+            "prompt_tokens": 5, "completion_tokens": 2, "ttft_ms": 1.234, "duration_ms": 2.345,
+            "stream": False,
+        })
+
+    # levels as an admission leaves them, for the header stage alone
+    LEVELS = {bucket.id: (float(bucket.limit - 1), 0.01) for bucket in gateway.buckets.keys[key.name]}
+    return {
+        "authenticate (SHA-256 of the key, lookup)": authenticate,
+        "validate a 1 KB body (parse once, check)": validate,
+        "limits in process: admit + settle (key rpm + tpm)": limits,
+        "x-ratelimit-* and x-request-id headers": headers,
+        "scheduling over 3 accounts: choose, begin, finish": scheduling,
+        "attempt deadline (asyncio.timeout)": deadline,
+        "parse the upstream answer for usage (614 B)": answer,
+        "metrics (8 observations)": metrics,
+        "access log line (JSON, buffered)": log_line,
+    }
+
+
+async def measure(stage: Callable[[], Awaitable[None]], iterations: int) -> float:
+    for _ in range(min(2000, iterations)):
+        await stage()
+    started = time.process_time()
+    for _ in range(iterations):
+        await stage()
+    return (time.process_time() - started) / iterations * 1e6
+
+
+async def main_async(iterations: int) -> None:
+    gateway = build_gateway()
+    with open(os.devnull, "wb") as devnull:
+        access_log = AccessLog(fd=devnull.fileno())
+        empty = await measure(_nothing, iterations)
+        rows = []
+        for name, stage in stages(gateway, access_log).items():
+            rows.append((name, max(0.0, await measure(stage, iterations) - empty)))
+        access_log.flush()
+    width = max(len(name) for name, _ in rows)
+    print(f"{'stage':<{width}}  µs/request")
+    for name, us in rows:
+        print(f"{name:<{width}}  {us:10.2f}")
+    print(f"{'total':<{width}}  {sum(us for _, us in rows):10.2f}")
+    print(f"(each net of an empty awaited call, {empty:.2f} µs; {iterations:,} iterations, uvloop)")
+
+
+async def _nothing() -> None:
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=50_000)
+    args = parser.parse_args()
+    uvloop.run(main_async(args.iterations))
+
+
+if __name__ == "__main__":
+    main()
