@@ -19,6 +19,7 @@ from .accounts import Choice
 from .admission import admit_account
 from .call import Call
 from .config import ModelConfig, Timeouts
+from .deadlines import deadline_at
 from .errors import GatewayError
 from .faults import Fault, Verdict, classify
 from .metrics import Metrics
@@ -33,7 +34,7 @@ SUCCESS = Verdict(Fault.NONE)
 
 
 class Clock:
-    """One attempt's deadlines on one `asyncio.Timeout`: first byte, then idle, under total."""
+    """One attempt's deadlines on one `Deadline`: first byte, then idle, under total."""
 
     __slots__ = ("loop", "timeouts", "total_at", "timer", "data_seen", "last_data")
 
@@ -42,7 +43,7 @@ class Clock:
         self.timeouts = timeouts
         now = self.loop.time()
         self.total_at = now + timeouts.total_s
-        self.timer = asyncio.timeout_at(min(self.total_at, now + timeouts.first_byte_s))
+        self.timer = deadline_at(min(self.total_at, now + timeouts.first_byte_s))
         self.data_seen = False
         self.last_data = now
 
@@ -339,7 +340,7 @@ async def _relay_chunks(
     clock.last_data = loop.time()
     while True:
         try:
-            async with asyncio.timeout_at(clock.idle_deadline()):
+            async with deadline_at(clock.idle_deadline()):
                 while chunk := await exchange.read():
                     clock.last_data = loop.time()
                     if out := scanner.feed(chunk):
