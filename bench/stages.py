@@ -125,7 +125,7 @@ def stages(gateway: Gateway, access_log: AccessLog) -> dict[str, Callable[[], Aw
         "limits in process: admit + settle (key rpm + tpm)": limits,
         "x-ratelimit-* and x-request-id headers": headers,
         "scheduling over 3 accounts: choose, begin, finish": scheduling,
-        "attempt deadline (asyncio.timeout)": deadline,
+        "attempt deadline (Clock on the shared deadline timer)": deadline,
         "parse the upstream answer for usage (614 B)": answer,
         "metrics (8 observations)": metrics,
         "access log line (JSON, buffered)": log_line,
