@@ -24,6 +24,33 @@ log = logging.getLogger("llm_proxy.supervisor")
 WORKER_ENV = "LLM_PROXY_WORKER_OF"  # set in workers: how many share the port
 BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
 STABLE_S = 30.0  # a worker that lived this long restarts without backoff
+# The workers' shared metrics directory: `<prefix><supervisor pid>-<random>` in the temp dir.
+METRICS_DIR_PREFIX = "llm-proxy-metrics-"
+
+
+def remove_orphaned_metrics_dirs(parent: str) -> list[str]:
+    """Removes the metrics directories in `parent` whose supervisor is gone (killed with
+    SIGKILL, it could not); returns them. A directory whose PID is alive again is kept."""
+    removed = []
+    for entry in os.scandir(parent):
+        pid_text = entry.name[len(METRICS_DIR_PREFIX):].partition("-")[0]
+        if not (entry.name.startswith(METRICS_DIR_PREFIX) and entry.is_dir() and pid_text.isdigit()):
+            continue
+        if not _alive(int(pid_text)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            if not os.path.exists(entry.path):  # not someone else's, beyond our permissions
+                removed.append(entry.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 class Worker:
@@ -40,7 +67,9 @@ def supervise(config: Config, *, path: str) -> int:
         level=config.logging.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
-    metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+    for orphan in remove_orphaned_metrics_dirs(tempfile.gettempdir()):
+        log.info("removed %s, left by a supervisor that no longer runs", orphan)
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     env = {**os.environ, WORKER_ENV: str(config.server.workers), "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     command = [
         sys.executable, "-m", "proxy", "serve", "--config", path,

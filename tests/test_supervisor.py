@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.supervisor import METRICS_DIR_PREFIX, remove_orphaned_metrics_dirs
 
 from .processes import KEY
 
@@ -75,3 +79,18 @@ async def test_metrics_are_the_sum_over_workers(serve: Any) -> None:
         for _ in range(4):
             assert await requests_total(http, process.url) == 30
     assert await process.stop() == 0
+
+
+def test_metrics_directories_of_dead_supervisors_are_removed(tmp_path: Path) -> None:
+    """A supervisor killed with SIGKILL cannot remove its metrics directory; the next one does."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its PID is now free: the directory it names is orphaned
+    orphan = tmp_path / f"{METRICS_DIR_PREFIX}{gone.pid}-abc"
+    mine = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}-def"
+    unrelated = tmp_path / f"{METRICS_DIR_PREFIX}notapid-ghi"
+    for directory in (orphan, mine, unrelated):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"x")
+    removed = remove_orphaned_metrics_dirs(str(tmp_path))
+    assert removed == [str(orphan)]
+    assert not orphan.exists() and mine.exists() and unrelated.exists()
