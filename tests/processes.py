@@ -105,9 +105,9 @@ async def wait_ready(url: str) -> None:
     await wait_ok(f"{url}/readyz")
 
 
-async def wait_ok(url: str) -> None:
-    """Until `url` answers 200 (15 s at most)."""
-    async with aiohttp.ClientSession() as http, asyncio.timeout(15):
+async def wait_ok(url: str, within_s: float = 15.0) -> None:
+    """Until `url` answers 200; TimeoutError after `within_s`."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(within_s):
         while True:
             try:
                 async with http.get(url) as response:

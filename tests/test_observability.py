@@ -30,6 +30,7 @@ import yaml
 from aiohttp import web
 
 from .conftest import Upstream, completion_handler, sse_events, stream_handler
+from .processes import wait_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -250,17 +251,9 @@ async def processes(tmp_path: Path) -> AsyncIterator[Processes]:
         await started.stop_all()
 
 
-async def wait_ok(http: aiohttp.ClientSession, url: str, what: str, processes: Processes) -> None:
+async def wait_ready_or_fail(url: str, what: str, processes: Processes) -> None:
     try:
-        async with asyncio.timeout(20):
-            while True:
-                try:
-                    async with http.get(url) as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
+        await wait_ok(url, within_s=20)
     except TimeoutError:
         pytest.fail(f"{what} did not get ready at {url}:\n{processes.log(what)}")
 
@@ -338,8 +331,8 @@ async def test_every_panel_returns_data_from_a_live_gateway(
         f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn",
     )
     async with aiohttp.ClientSession() as http:
-        await wait_ok(http, f"{gateway_url}/readyz", "gateway", processes)
-        await wait_ok(http, f"{prometheus_url}/-/ready", "prometheus", processes)
+        await wait_ready_or_fail(f"{gateway_url}/readyz", "gateway", processes)
+        await wait_ready_or_fail(f"{prometheus_url}/-/ready", "prometheus", processes)
         api = PrometheusApi(http, prometheus_url)
         await api.until("the gateway up", lambda: gateway_up(api))
         statuses = await send_load(http, gateway_url)

@@ -28,7 +28,7 @@ from proxy.ratelimit import (
 from proxy.redislimits import RedisLimiter
 
 from .redisproc import RedisProcess
-from .test_ratelimit import REFILL_CASES, SETTLE_CASES, WAIT_CASES
+from .test_ratelimit import REFILL_CASES, SETTLE_CASES, WAIT_CASES, granted, refused
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -85,16 +85,6 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]
     async with asyncio.timeout(TEARDOWN_S):
         for store in made:
             await store.close()
-
-
-def granted(outcome: Grant | Refusal) -> Grant:
-    assert isinstance(outcome, Grant), outcome
-    return outcome
-
-
-def refused(outcome: Grant | Refusal) -> Refusal:
-    assert isinstance(outcome, Refusal), outcome
-    return outcome
 
 
 async def wait_until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
