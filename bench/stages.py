@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 
+import orjson
 import uvloop
 import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -59,6 +60,8 @@ def stages(gateway: Gateway, access_log: AccessLog) -> dict[str, Callable[[], Aw
     assert key is not None
     model = gateway.models[MODEL]
     timeouts = next(iter(gateway.config.providers.values())).timeouts
+    # the levels an admission leaves, for the header stage alone
+    levels = {bucket.id: (float(bucket.limit - 1), 0.01) for bucket in gateway.buckets.keys[key.name]}
 
     def new_call() -> Call:
         call = Call(gateway=gateway, request_id="req_0123456789ab0000000001", started=time.perf_counter())
@@ -79,7 +82,7 @@ def stages(gateway: Gateway, access_log: AccessLog) -> dict[str, Callable[[], Aw
 
     async def headers() -> None:
         call = new_call()
-        call.extra_headers.update(ratelimit_headers(gateway.buckets.keys[key.name], LEVELS))
+        call.extra_headers.update(ratelimit_headers(gateway.buckets.keys[key.name], levels))
         call.response_headers({"Content-Type": "application/json"})
 
     async def scheduling() -> None:
@@ -97,7 +100,7 @@ def stages(gateway: Gateway, access_log: AccessLog) -> dict[str, Callable[[], Aw
 
     async def answer() -> None:
         call = new_call()
-        parsed = __import__("orjson").loads(CHAT_COMPLETION)
+        parsed = orjson.loads(CHAT_COMPLETION)
         call.record_usage(parsed.get("usage"))
 
     async def metrics() -> None:
@@ -117,8 +120,6 @@ def stages(gateway: Gateway, access_log: AccessLog) -> dict[str, Callable[[], Aw
             "stream": False,
         })
 
-    # levels as an admission leaves them, for the header stage alone
-    LEVELS = {bucket.id: (float(bucket.limit - 1), 0.01) for bucket in gateway.buckets.keys[key.name]}
     return {
         "authenticate (SHA-256 of the key, lookup)": authenticate,
         "validate a 1 KB body (parse once, check)": validate,

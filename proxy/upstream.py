@@ -70,7 +70,8 @@ class OpenAIProvider:
     async def send(
         self, account: AccountConfig, body: bytes, data: dict[str, Any], request_id: str
     ) -> Exchange:
-        headers = self._headers[account.name] + b"X-Request-Id: " + _header_value(request_id) + b"\r\n"
+        # request ids are printable by construction (checked where they enter, or generated)
+        headers = self._headers[account.name] + b"X-Request-Id: " + request_id.encode() + b"\r\n"
         return await self._pool.request(b"POST", self._chat, headers, body)
 
     async def probe(self, account: AccountConfig) -> bool:
