@@ -88,6 +88,9 @@ T = TypeVar("T")
 D = TypeVar("D")
 Rule = Callable[[Any], "str | None"]  # the problem with a value, or None
 Spec = Mapping[str, tuple[type[Any], "Rule | None"]]  # field name -> (YAML type, rule)
+# Integers travel through JSON to Redis' Lua, whose numbers are doubles: past 2^53 they are no
+# longer exact (and past 2^64 they cannot be encoded at all).
+MAX_INTEGER = 1 << 53
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
@@ -126,6 +129,9 @@ class Reader:
         converted = _convert(value, kind)
         if converted is None:
             self.report(key, f"must be {_KIND_NAMES[kind]}")
+            return default
+        if isinstance(converted, int) and abs(converted) > MAX_INTEGER:
+            self.report(key, f"must be at most {MAX_INTEGER} (2^53)")
             return default
         problem = rule(converted) if rule else None
         if problem:

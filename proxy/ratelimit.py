@@ -22,6 +22,9 @@ WINDOW_S = 60.0
 # A concurrency slot frees when some request ends, which cannot be predicted; clients are told to
 # come back after this long.
 CONCURRENCY_RETRY_S = 1.0
+# No request uses anywhere near this many tokens. Usage is settled as at most this much, so that
+# no figure, however absurd, can overflow a counter or the shared store's script payload.
+MAX_TOKENS = 1 << 40
 
 Levels = dict[str, tuple[float, float]]
 
@@ -74,6 +77,11 @@ def until_full_s(level: float, limit: int) -> float:
 def settle_level(level: float, limit: int, reserved: int, used: int) -> float:
     """The level once a reservation of `reserved` turned out to be `used`: refund or debt."""
     return min(float(limit), level + reserved - used)
+
+
+def settled_tokens(used: int) -> int:
+    """What a settlement counts of `used`: within 0..MAX_TOKENS."""
+    return min(max(0, used), MAX_TOKENS)
 
 
 def amount_for(bucket: Bucket, tokens: int) -> int:
@@ -178,7 +186,7 @@ class LocalLimiter:
         if grant.settled:
             return
         grant.settled = True
-        used = max(0, used_tokens)
+        used = settled_tokens(used_tokens)
         for bucket in grant.leases:
             self._held[bucket.id] -= 1
         now = self._clock()

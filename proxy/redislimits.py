@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from .config import RedisConfig
 from .limitscript import BATCH_LUA, HEARTBEAT_LUA, Batch, KeyNames, Record, decode_outcome
 from .outage import OutageFallback
-from .ratelimit import CONCURRENCY, Ask, Bucket, Grant, Refusal
+from .ratelimit import CONCURRENCY, Ask, Bucket, Grant, Refusal, settled_tokens
 
 log = logging.getLogger("llm_proxy.redislimits")
 
@@ -124,14 +124,21 @@ class RedisLimiter:
         self._waiters.append(_Waiter(ask, future, loop.time() + self._timeout_s, member))
         if not wake.is_set():
             wake.set()
-        outcome = await future
+        try:
+            outcome = await future
+        except asyncio.CancelledError:
+            # Cancelled after the script answered but before this task resumed: the grant is
+            # decided and nobody holds it. (Cancelled before: `_resolve` gives it back.)
+            if not future.cancelled() and isinstance(granted := future.result(), Grant):
+                self.settle(granted, 0)
+            raise
         return self._fallback.admit(ask) if outcome is None else outcome
 
     def settle(self, grant: Grant, used_tokens: int) -> None:
         """Queues the settlement for the next script call; never blocks, never drops it."""
         if grant.settled:
             return
-        used = max(0, used_tokens)
+        used = settled_tokens(used_tokens)
         self._fallback.settle(grant, used)
         if grant.remote:
             grant.settled = True
@@ -234,13 +241,18 @@ class RedisLimiter:
         self._renewals = []
         for waiter in waiters:
             batch.add_admission(waiter.member, waiter.ask)
+        try:
+            payload = batch.payload(self._lease_ttl_s)
+        except TypeError:  # orjson's JSONEncodeError: a value out of range slipped past the clamps
+            # Sending it again would fail again and stall every admission behind it.
+            log.exception("rate limit batch cannot be encoded; %d settlement units dropped", len(units))
+            self._abandon(waiters)
+            return
         self.script_calls += 1
         expiry = self._expire_at_deadlines(waiters)
         raw: bytes | None = None
         try:
-            raw = await self._bounded(
-                self._batch_script(keys=batch.keys, args=[batch.payload(self._lease_ttl_s)])
-            )
+            raw = await self._bounded(self._batch_script(keys=batch.keys, args=[payload]))
         finally:
             if expiry is not None:
                 expiry.cancel()

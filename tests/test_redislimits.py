@@ -16,6 +16,7 @@ from proxy.errors import GatewayError
 from proxy.limitscript import HASH_TAG, MATH_LUA
 from proxy.ratelimit import (
     CONCURRENCY_RETRY_S,
+    MAX_TOKENS,
     Ask,
     Bucket,
     Grant,
@@ -360,3 +361,61 @@ async def test_close_flushes_pending_settlements(
         limiter.settle(granted(grant), 3)
     await limiter.close()
     assert await raw.get(HASH_TAG + ":budget:a") == b"30"
+
+
+async def test_a_grant_decided_as_its_admission_is_cancelled_is_given_back(
+    make_redis: MakeRedis, raw: aioredis.Redis
+) -> None:
+    """The client leaves after the batch answered but before its handler resumed: the grant that
+    was already decided must still be released, not renewed for ever."""
+    limiter = await make_redis()
+    conc = Bucket("key", "a", "concurrency", 10)
+    ask = Ask([conc], tokens=1)
+    victim: asyncio.Task[Grant | Refusal]
+
+    async def admit_then_cancel_the_next() -> None:
+        # queued first in the same batch, so it resumes first: the victim's future is then
+        # already resolved, and its task not yet resumed
+        limiter.settle(granted(await limiter.admit(ask)), 0)
+        victim.cancel()
+
+    first = asyncio.create_task(admit_then_cancel_the_next())
+    victim = asyncio.create_task(limiter.admit(ask))
+    calls = limiter.script_calls
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    assert limiter.script_calls == calls + 1  # both were decided by one call
+    await limiter.flush()
+    assert await raw.zcard(f"{HASH_TAG}:lease:{conc.id}") == 0
+
+
+async def test_an_absurd_usage_figure_cannot_poison_the_shared_store(
+    make_redis: MakeRedis, raw: aioredis.Redis
+) -> None:
+    limiter = await make_redis(on_error="fail_closed")
+    ask = Ask([Bucket("key", "a", "rpm", 1000)], tokens=1, budget_key="a", budget_limit=1 << 50)
+    for absurd in (1 << 64, 1 << 70, -(1 << 64)):
+        limiter.settle(granted(await limiter.admit(ask)), absurd)
+        await limiter.flush()
+    calls = limiter.script_calls
+    for _ in range(3):
+        granted(await limiter.admit(ask))  # still decided by Redis, not refused with 503
+    assert limiter.script_calls > calls and not limiter.degraded
+    assert int(await raw.get(HASH_TAG + ":budget:a") or 0) == 2 * MAX_TOKENS
+
+
+async def test_a_record_that_cannot_be_encoded_is_dropped_not_retried_for_ever(
+    make_redis: MakeRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = await make_redis(on_error="fail_closed")
+    tpm = Bucket("key", "a", "tpm", 1000)
+    # no admission issues such a grant (reservations are capped at the bucket's size): the
+    # defence behind the clamps, should one ever be missed
+    poisoned = Grant(id="x:1", levels={}, leases=(), reserved=((tpm, 1 << 70),), budget_key=None, remote=True)
+    limiter.settle(poisoned, 1)
+    await limiter.flush()
+    assert "cannot be encoded" in caplog.text
+    calls = limiter.script_calls
+    granted(await limiter.admit(Ask([tpm], tokens=1)))
+    assert limiter.script_calls == calls + 1 and not limiter.degraded
