@@ -143,7 +143,9 @@ class Accounts:
         if not cancelled:
             account.apply_fault(verdict, now)
         _settle(attempt.account_breaker, attempt.account_ticket, outcome, cancelled, now)
-        _settle(attempt.provider_breaker, attempt.provider_ticket, outcome, cancelled, now)
+        # One account's failures say nothing of its provider's other accounts (SPEC §5).
+        shared = outcome if outcome is not Outcome.FAILURE or verdict.shared else Outcome.NEUTRAL
+        _settle(attempt.provider_breaker, attempt.provider_ticket, shared, cancelled, now)
 
     def lift_quarantine(self, account: Account) -> None:
         account.quarantined = None

@@ -24,6 +24,9 @@ MAX_COOLDOWN_S = 86400.0
 _CALLER_STATUSES = frozenset({400, 404, 413, 422})
 _QUARANTINE_STATUSES = frozenset({401, 403})
 _QUOTA_MARKER = b"insufficient_quota"
+# Answers a provider gives for its whole service, whichever account asked (SPEC §5).
+_OVERLOADED_STATUS = 529
+_OVERLOADED_MARKER = b"overloaded_error"
 _DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|d|h|m|s)"
 _DURATION = re.compile(rf"(?:{_DURATION_PART})+")
 _DURATION_PARTS = re.compile(_DURATION_PART)
@@ -46,6 +49,9 @@ class Verdict:
     fault: Fault
     until: float | None = None  # COOLDOWN only: when the account may be used again
     reason: str = ""  # short fixed text, safe for logs and /admin/state; never the body
+    # TRANSIENT only: a fault of what every account of the provider shares (its host, or the
+    # whole service saying it is overloaded), so it counts on the provider's breaker too
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,8 @@ def classify(
     if status == 429:
         wait = cooldown_seconds(headers, wall_now)
         return Verdict(Fault.COOLDOWN, until=now + wait, reason=reason)
-    return Verdict(Fault.TRANSIENT, reason=reason)
+    overloaded = status == _OVERLOADED_STATUS or _is_error_type(body, _OVERLOADED_MARKER)
+    return Verdict(Fault.TRANSIENT, reason=reason, shared=overloaded)
 
 
 def cooldown_seconds(headers: Mapping[str, str], wall_now: float | None = None) -> float:
@@ -163,8 +170,13 @@ def _parse_retry_after(text: str | None, wall_now: float | None) -> float | None
 
 
 def _is_quota_error(body: bytes) -> bool:
+    return _is_error_type(body, _QUOTA_MARKER)
+
+
+def _is_error_type(body: bytes, marker: bytes) -> bool:
+    """Whether the error body's `code` or `type` (in `error` or at the top) is `marker`."""
     # The substring test keeps ordinary error bodies from being parsed at all.
-    if _QUOTA_MARKER not in body:
+    if marker not in body:
         return False
     try:
         document = orjson.loads(body)
@@ -172,8 +184,9 @@ def _is_quota_error(body: bytes) -> bool:
         return False
     if not isinstance(document, dict):
         return False
+    name = marker.decode()
     error = document.get("error")
     for holder in (error, document) if isinstance(error, dict) else (document,):
-        if holder.get("code") == "insufficient_quota" or holder.get("type") == "insufficient_quota":
+        if holder.get("code") == name or holder.get("type") == name:
             return True
     return False

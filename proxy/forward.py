@@ -30,6 +30,8 @@ log = logging.getLogger("llm_proxy.forward")
 
 MAX_ERROR_BODY = 1 << 20
 TRANSIENT = Verdict(Fault.TRANSIENT, reason="transient")
+# No connection, or one closed before any answer: the provider's host, whichever account asked.
+HOST_FAULT = Verdict(Fault.TRANSIENT, reason="transient", shared=True)
 SUCCESS = Verdict(Fault.NONE)
 
 
@@ -149,7 +151,8 @@ async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.Stre
             return result
         except UpstreamFailure as exc:
             error = errors.upstream_unreachable() if exc.kind == "connect" else errors.bad_upstream_response(exc.detail)
-            verdict, result = TRANSIENT, _failed(call, error, exc.detail)
+            verdict = HOST_FAULT if exc.kind in ("connect", "reset") else TRANSIENT
+            result = _failed(call, error, exc.detail)
             return result
         call.first_byte_at = time.perf_counter()
         try:

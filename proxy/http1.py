@@ -181,7 +181,7 @@ class Connection(asyncio.Protocol):
         if self.closing:  # closed by the upstream since it was opened or pooled
             if self.reused:
                 raise _Stale()
-            raise UpstreamFailure("bad_response", "connection closed before the request")
+            raise UpstreamFailure("reset", "connection closed before the request")
         response = self._response = Response(self)
         self._head = asyncio.get_running_loop().create_future()
         self._head_only = head_only
@@ -239,7 +239,8 @@ class Connection(asyncio.Protocol):
             if self.reused and not self._received:
                 self._fail_head(_Stale())
             else:
-                self._fail(f"connection closed before the answer's head ({_reason(exc)})")
+                kind = "bad_response" if self._received else "reset"
+                self._fail(f"connection closed before the answer's head ({_reason(exc)})", kind)
         elif self._framing == UNTIL_CLOSE:
             self.keep_alive = False
             response.finish()
@@ -337,8 +338,8 @@ class Connection(asyncio.Protocol):
         else:
             self.keep_alive = False  # a body where none was due
 
-    def _fail(self, detail: str) -> None:
-        error = UpstreamFailure("bad_response", detail)
+    def _fail(self, detail: str, kind: str = "bad_response") -> None:
+        error = UpstreamFailure(kind, detail)
         self.keep_alive = False
         self._fail_head(error)
         response = self._response

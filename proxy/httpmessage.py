@@ -134,7 +134,8 @@ class ChunkedDecoder:
 
 
 class UpstreamFailure(Exception):
-    """An attempt that got no usable answer: `kind` is `connect` or `bad_response`."""
+    """An attempt that got no usable answer. `kind`: `connect` (refused, DNS, TLS, connect
+    timeout), `reset` (the connection closed before any byte of an answer) or `bad_response`."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)

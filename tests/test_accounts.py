@@ -22,6 +22,7 @@ from proxy.faults import Fault, Verdict
 OK = Verdict(Fault.NONE)
 CALLER = Verdict(Fault.CALLER, reason="upstream 400")
 TRANSIENT = Verdict(Fault.TRANSIENT, reason="upstream 503")
+HOST_DOWN = Verdict(Fault.TRANSIENT, reason="transient", shared=True)  # refused, reset, 529
 QUARANTINE = Verdict(Fault.QUARANTINE, reason="upstream 401")
 DISABLE = Verdict(Fault.DISABLE, reason="upstream 402 insufficient_quota")
 BREAKER = BreakerConfig(
@@ -281,9 +282,9 @@ def test_provider_breaker_counts_every_account_and_blocks_them_all() -> None:
     pool = Accounts(
         config=config(provider("p", A, B, breaker=lenient_accounts)), rng=random.Random(1)
     )
-    settle(pool, "a", TRANSIENT, 0.0)
-    settle(pool, "b", TRANSIENT, 0.0)
-    settle(pool, "a", TRANSIENT, 1.0)  # third failure in a row for the provider, not for a or b
+    settle(pool, "a", HOST_DOWN, 0.0)
+    settle(pool, "b", HOST_DOWN, 0.0)
+    settle(pool, "a", HOST_DOWN, 1.0)  # third failure in a row for the provider, not for a or b
     a = pool.account("p/a")
     assert a is not None and a.breaker.state(1.0) is BreakerState.CLOSED
     assert a.provider_breaker.state(1.0) is BreakerState.OPEN
@@ -291,6 +292,21 @@ def test_provider_breaker_counts_every_account_and_blocks_them_all() -> None:
     assert ("p", "*", BreakerState.OPEN) in pool.breaker_states(2.0)
     assert ("p", "a", BreakerState.CLOSED) in pool.breaker_states(2.0)
     assert pool.availability(2.0) == [("p", "a", False), ("p", "b", False)]
+
+
+@pytest.mark.parametrize("strategy", ["least_busy", "round_robin"])
+def test_one_accounts_own_faults_never_open_its_providers_breaker(strategy: str) -> None:
+    """Only faults of what every account shares count for the provider (SPEC §5): a failing
+    account's 5xx, however many and however fast, leave the other accounts serving."""
+    breaker = BreakerConfig(consecutive_failures=3, min_requests=5)
+    pool = Accounts(config=config(provider("p", A, B, breaker=breaker), strategy=strategy), rng=random.Random(1))
+    for i in range(50):
+        settle(pool, "a", TRANSIENT, i * 0.01)
+    a, b = pool.account("p/a"), pool.account("p/b")
+    assert a is not None and b is not None
+    assert a.breaker.state(1.0) is BreakerState.OPEN
+    assert b.provider_breaker.state(1.0) is BreakerState.CLOSED
+    assert [pick(pool, 1.0).account for _ in range(5)] == [b] * 5
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,25 @@ def test_classify(status: int, body: bytes, fault: Fault) -> None:
 
 
 @pytest.mark.parametrize(
+    ("status", "body", "shared"),
+    [
+        (529, b"", True),
+        (529, b'{"type": "error", "error": {"type": "overloaded_error"}}', True),
+        (503, b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}', True),
+        (500, b'{"error": {"code": "overloaded_error"}}', True),
+        (500, b"", False),
+        (503, b'{"error": {"message": "overloaded_error is not our type here"}}', False),
+        (502, b"overloaded_error", False),
+        (400, b'{"error": {"type": "overloaded_error"}}', False),  # a caller fault is relayed
+    ],
+)
+def test_only_whole_service_answers_are_shared_by_the_providers_accounts(
+    status: int, body: bytes, shared: bool
+) -> None:
+    assert classify(status, {}, body, NOW).shared is shared
+
+
+@pytest.mark.parametrize(
     ("status", "body", "reason"),
     [
         (200, b"", ""),

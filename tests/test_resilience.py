@@ -228,6 +228,43 @@ async def test_concurrent_clients_see_nothing_of_the_failing_account(
     assert callers(upstream).count("bad") == hits
 
 
+async def test_one_failing_account_never_opens_its_providers_breaker(
+    http: Any, make_upstream: Any, start_gateway: Any
+) -> None:
+    """Four accounts, one answering 500, the default breaker: its failures arrive fast and
+    together, yet count against it alone, so the three healthy accounts serve every request."""
+    upstream = await make_upstream()
+    upstream.handler = by_account({"bad": FAIL})
+    names = ("good-1", "good-2", "bad", "good-3")
+    accounts = [account(name, priority=0 if name == "bad" else 1) for name in names]
+    gateway = await start_gateway(
+        build_config(provider("p", upstream.url, *accounts, breaker=BreakerConfig()))
+    )
+    for _ in range(5):
+        waves = await asyncio.gather(*(post(http, gateway.url) for _ in range(40)))
+        assert [status for status, _, _ in waves] == [200] * 40
+
+    state = await admin_state(http, gateway.url)
+    assert state["bad"]["breaker"] == "open"
+    assert {entry["provider_breaker"] for entry in state.values()} == {"closed"}
+    assert callers(upstream).count("bad") >= BreakerConfig().consecutive_failures
+
+
+async def test_a_host_that_refuses_connections_opens_its_providers_breaker(
+    http: Any, start_gateway: Any
+) -> None:
+    names = ("a", "b", "c")
+    gateway = await start_gateway(build_config(provider("p", closed_port_url(), *map(account, names))))
+    # three refused connections in a row, each from another account: the provider's breaker opens
+    got, _, body = await post(http, gateway.url)
+    assert (got, error_of(body)["code"]) == (502, "upstream_unreachable")
+    state = await admin_state(http, gateway.url)
+    assert {entry["provider_breaker"] for entry in state.values()} == {"open"}
+    assert {entry["breaker"] for entry in state.values()} == {"closed"}
+    got, _, body = await post(http, gateway.url)
+    assert (got, error_of(body)["code"]) == (503, "circuit_open")
+
+
 async def test_circuit_open_retry_after_names_when_the_breaker_half_opens(
     http: Any, upstream: Upstream, start_gateway: Any
 ) -> None:
@@ -575,11 +612,11 @@ async def test_a_half_open_probe_that_does_not_succeed_reopens_the_breaker(
     assert len(upstream.requests) == 3
 
 
-async def test_provider_breaker_counts_failures_across_its_accounts(
+async def test_provider_breaker_counts_overloaded_answers_across_its_accounts(
     http: Any, make_upstream: Any, start_gateway: Any
 ) -> None:
     flaky, healthy = await make_upstream(), await make_upstream()
-    flaky.handler = FAIL
+    flaky.handler = answer(529, b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}')
     names = ("a1", "a2", "a3")
     providers = (
         provider("flaky", flaky.url, *(account(name, priority=0) for name in names)),
