@@ -54,27 +54,46 @@ class MockProvider:
     ) -> MockExchange:
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
-        text = _last_user_text(data.get("messages") or [])
-        words = text.split() or ["(empty)"]
-        usage = {
-            "prompt_tokens": max(1, len(body) // 4),
-            "completion_tokens": len(words),
-            "total_tokens": max(1, len(body) // 4) + len(words),
-        }
+        reply = Reply.of(data, len(body))
         model = str(data.get("model"))
         if data.get("stream") is True:
             options = data.get("stream_options")
             with_usage = type(options) is dict and options.get("include_usage") is True
-            chunks = _stream_chunks(model, words, usage if with_usage else None)
+            chunks = _stream_chunks(model, reply, with_usage)
             return MockExchange(chunks=chunks, stream=True, delay_s=self._delay_s)
-        answer = _completion(model, " ".join(words), usage)
-        return MockExchange(chunks=[answer], stream=False, delay_s=0)
+        return MockExchange(chunks=[_completion(model, reply)], stream=False, delay_s=0)
 
     async def probe(self, account: AccountConfig) -> bool:
         return True
 
     async def close(self) -> None:
         return None
+
+
+class Reply:
+    """What the mock answers: the last user message's words, at most `max_tokens` of them (then
+    `finish_reason: length`), as each of `n` choices."""
+
+    __slots__ = ("words", "finish", "n", "usage")
+
+    def __init__(self, words: list[str], finish: str, n: int, prompt_tokens: int) -> None:
+        self.words, self.finish, self.n = words, finish, n
+        completion = len(words) * n
+        self.usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+
+    @classmethod
+    def of(cls, data: dict[str, Any], body_size: int) -> Reply:
+        words = _last_user_text(data.get("messages") or []).split() or ["(empty)"]
+        cap = data.get("max_completion_tokens") or data.get("max_tokens")
+        finish = "stop"
+        if type(cap) is int and 0 < cap < len(words):
+            words, finish = words[:cap], "length"
+        n = data.get("n")
+        return cls(words, finish, n if type(n) is int and n > 0 else 1, max(1, body_size // 4))
 
 
 def _last_user_text(messages: list[Any]) -> str:
@@ -90,7 +109,8 @@ def _last_user_text(messages: list[Any]) -> str:
     return ""
 
 
-def _completion(model: str, text: str, usage: dict[str, int]) -> bytes:
+def _completion(model: str, reply: Reply) -> bytes:
+    text = " ".join(reply.words)
     return orjson.dumps(
         {
             "id": "chatcmpl-mock",
@@ -98,49 +118,36 @@ def _completion(model: str, text: str, usage: dict[str, int]) -> bytes:
             "created": int(time.time()),
             "model": model,
             "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
-                }
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reply.finish}
+                for i in range(reply.n)
             ],
-            "usage": usage,
+            "usage": reply.usage,
         }
     )
 
 
-def _stream_chunks(model: str, words: list[str], usage: dict[str, int] | None) -> list[bytes]:
+def _stream_chunks(model: str, reply: Reply, with_usage: bool) -> list[bytes]:
     created = int(time.time())
+    tail = {"usage": None} if with_usage else {}
 
-    def event(delta: dict[str, str], finish: str | None, extra: dict[str, Any]) -> bytes:
+    def event(choices: list[dict[str, Any]], extra: dict[str, Any]) -> bytes:
         chunk = {
             "id": "chatcmpl-mock",
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": choices,
             **extra,
         }
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    tail = {"usage": None} if usage else {}
-    chunks = [event({"role": "assistant", "content": ""}, None, tail)]
-    chunks += [event({"content": (" " if i else "") + w}, None, tail) for i, w in enumerate(words)]
-    chunks.append(event({}, "stop", tail))
-    if usage:
-        chunks.append(
-            b"data: "
-            + orjson.dumps(
-                {
-                    "id": "chatcmpl-mock",
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": usage,
-                }
-            )
-            + b"\n\n"
-        )
+    def each(delta: dict[str, str], finish: str | None) -> bytes:
+        return event([{"index": i, "delta": delta, "finish_reason": finish} for i in range(reply.n)], tail)
+
+    chunks = [each({"role": "assistant", "content": ""}, None)]
+    chunks += [each({"content": (" " if i else "") + w}, None) for i, w in enumerate(reply.words)]
+    chunks.append(each({}, reply.finish))
+    if with_usage:
+        chunks.append(event([], {"usage": reply.usage}))
     chunks.append(b"data: [DONE]\n\n")
     return chunks
