@@ -5,11 +5,13 @@ Each stage fills its own fields; nothing else carries request state. Holds no I/
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .config import KeyConfig, ModelConfig
+from .jsonsplice import SpliceError, splice
 from .ratelimit import Grant
 from .validation import ChatRequest
 
@@ -82,25 +84,36 @@ class Call:
     def upstream_request(self, upstream_model: str) -> tuple[bytes, dict[str, Any]]:
         """The body to send for `upstream_model`: the client's bytes unless something must change.
 
-        Changes only the model name, drops `request_id`, and asks for usage on streams.
+        Changes only the model name, drops `request_id`, and asks for usage on streams, splicing
+        those members into the client's bytes (every other member reaches the upstream byte for
+        byte). `data` is the parsed body as sent.
         """
         chat = self.chat
         assert chat is not None
-        rewrite = (
-            upstream_model != chat.model
-            or chat.request_id is not None
-            or (chat.stream and not chat.usage_requested)
-        )
-        if not rewrite:
+        add_usage = chat.stream and not chat.usage_requested
+        # a null `request_id` is absent to the gateway, but an upstream would still see the field
+        if upstream_model == chat.model and "request_id" not in chat.data and not add_usage:
             return self.body, chat.data
         cached = self._forwarded.get(upstream_model)
-        if cached is None:
-            data = dict(chat.data)
-            data["model"] = upstream_model
-            data.pop("request_id", None)
-            if chat.stream and not chat.usage_requested:
-                data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
-            cached = self._forwarded[upstream_model] = (orjson.dumps(data), data)
+        if cached is not None:
+            return cached
+        data = dict(chat.data)
+        data["model"] = upstream_model
+        data.pop("request_id", None)
+        if add_usage:
+            data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+        try:
+            body = splice(
+                self.body,
+                values={"model": orjson.dumps(upstream_model)},
+                drop=("request_id",),
+                nested={"stream_options": {"include_usage": b"true"}} if add_usage else {},
+            )
+        except SpliceError as exc:
+            # orjson accepted this body and msgspec did not: still forward it, re-encoded
+            logging.getLogger("llm_proxy.call").warning("request %s re-encoded: %s", self.request_id, exc)
+            body = orjson.dumps(data)
+        cached = self._forwarded[upstream_model] = (body, data)
         return cached
 
     def record_usage(self, usage: Any) -> None:
