@@ -253,6 +253,16 @@ E2E = [
         + b',"seed":18446744073709551616,"stream_options":{"include_usage":true}}',
         id="stream",
     ),
+    pytest.param(  # orjson.dumps stops at 255 levels: this was a 500 when re-encoded
+        b'{"model":"gpt-test","messages":' + MESSAGES + b',"x_deep":' + b"[" * 300 + b"]" * 300 + b"}",
+        b'{"model":"upstream-model","messages":' + MESSAGES + b',"x_deep":' + b"[" * 300 + b"]" * 300 + b"}",
+        id="nested-300-levels",
+    ),
+    pytest.param(
+        b'{"model":"gpt-test","messages":' + MESSAGES + b',"x_deep":' + DEEP + b"}",
+        b'{"model":"upstream-model","messages":' + MESSAGES + b',"x_deep":' + DEEP + b"}",
+        id="nested-too-deep-for-msgspec",
+    ),
 ]
 
 
