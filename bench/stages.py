@@ -5,7 +5,8 @@ of machine noise, and py-spy over-weights lines next to system calls. This times
 own functions in a loop (warm caches, no I/O), with the benchmarks' every-feature config (key
 limits in process, 3 accounts, metrics, access log), so the stages can be compared with each
 other exactly. In a serving process each costs more (colder caches), so the sum is a floor for
-what the features add.
+what the features add. Below the total, the body rewrite (`Call.upstream_request` when the
+upstream's model name differs or usage must be asked for), which only some requests need.
 
     .venv/bin/python -m bench.stages [--iterations N]
 """
@@ -36,10 +37,11 @@ from proxy.ratelimit import LocalLimiter
 from proxy.validation import parse_chat_request
 
 from .configs import LADDER, gateway_config, provider
-from .load import GATEWAY_KEY, chat_body
+from .load import FILLER, GATEWAY_KEY, chat_body
 from .upstreams import CHAT_COMPLETION
 
 MODEL = "bench-chat"
+UPSTREAM_MODEL = "bench-chat-2024-08-06"
 SUCCESS = Verdict(Fault.NONE)
 UPSTREAM_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json", "Content-Length": "614"}))
 
@@ -133,6 +135,32 @@ def stages(gateway: Gateway, access_log: AccessLog) -> dict[str, Callable[[], Aw
     }
 
 
+def rewrites(gateway: Gateway) -> dict[str, Callable[[], Awaitable[None]]]:
+    """`Call.upstream_request` on bodies that must change, each on a new call (it caches per call)."""
+    small = chat_body(model=MODEL)
+    stream = orjson.dumps({**orjson.loads(small), "stream": True})
+    messages = [
+        {"role": ("user", "assistant")[i % 2], "content": (FILLER * 3)[:480 + i % 40]} for i in range(200)
+    ]
+    large = orjson.dumps({"model": MODEL, "messages": messages, "temperature": 0.7, "max_tokens": 256})
+
+    def rewrite(body: bytes, upstream_model: str) -> Callable[[], Awaitable[None]]:
+        chat = parse_chat_request(body)
+
+        async def stage() -> None:
+            call = Call(gateway=gateway, request_id="req_0123456789ab0000000001", started=0.0)
+            call.body, call.chat = body, chat
+            call.upstream_request(upstream_model)
+
+        return stage
+
+    return {
+        f"rewrite {len(small) / 1000:.0f} KB: upstream model name": rewrite(small, UPSTREAM_MODEL),
+        f"rewrite {len(stream) / 1000:.0f} KB stream: include_usage added": rewrite(stream, MODEL),
+        f"rewrite {len(large) / 1000:.0f} KB, 200 messages: upstream model name": rewrite(large, UPSTREAM_MODEL),
+    }
+
+
 async def measure(stage: Callable[[], Awaitable[None]], iterations: int) -> float:
     for _ in range(min(2000, iterations)):
         await stage()
@@ -147,16 +175,22 @@ async def main_async(iterations: int) -> None:
     with open(os.devnull, "wb") as devnull:
         access_log = AccessLog(fd=devnull.fileno())
         empty = await measure(_nothing, iterations)
-        rows = []
-        for name, stage in stages(gateway, access_log).items():
-            rows.append((name, max(0.0, await measure(stage, iterations) - empty)))
+        rows = [(name, await _net(stage, iterations, empty)) for name, stage in stages(gateway, access_log).items()]
         access_log.flush()
-    width = max(len(name) for name, _ in rows)
+    extra = [(name, await _net(stage, iterations, empty)) for name, stage in rewrites(gateway).items()]
+    width = max(len(name) for name, _ in rows + extra)
     print(f"{'stage':<{width}}  µs/request")
     for name, us in rows:
         print(f"{name:<{width}}  {us:10.2f}")
     print(f"{'total':<{width}}  {sum(us for _, us in rows):10.2f}")
+    print("only when the body must change (not in the total):")
+    for name, us in extra:
+        print(f"{name:<{width}}  {us:10.2f}")
     print(f"(each net of an empty awaited call, {empty:.2f} µs; {iterations:,} iterations, uvloop)")
+
+
+async def _net(stage: Callable[[], Awaitable[None]], iterations: int, empty: float) -> float:
+    return max(0.0, await measure(stage, iterations) - empty)
 
 
 async def _nothing() -> None:
