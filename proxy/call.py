@@ -12,8 +12,10 @@ import orjson
 
 from .config import KeyConfig, ModelConfig
 from .jsonsplice import SpliceError, splice
-from .ratelimit import Grant
+from .ratelimit import MAX_TOKENS, Grant
 from .validation import ChatRequest
+
+log = logging.getLogger("llm_proxy.call")
 
 if TYPE_CHECKING:
     from .account import Account
@@ -117,10 +119,22 @@ class Call:
         return cached
 
     def record_usage(self, usage: Any) -> None:
+        """Takes an upstream's `usage` figures. They are untrusted input: a figure that is not a
+        plausible token count is left out (the request is then charged its reservation)."""
         if type(usage) is not dict:
             return
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if type(prompt) is int:
+        prompt = _reported(usage, "prompt_tokens", self.request_id)
+        completion = _reported(usage, "completion_tokens", self.request_id)
+        if prompt is not None:
             self.prompt_tokens = prompt
-        if type(completion) is int:
+        if completion is not None:
             self.completion_tokens = completion
+
+
+def _reported(usage: dict[str, Any], name: str, request_id: str) -> int | None:
+    value = usage.get(name)
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value
+    if value is not None:
+        log.warning("upstream reported an implausible %s; ignored (request %s)", name, request_id)
+    return None
