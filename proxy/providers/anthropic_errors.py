@@ -73,6 +73,14 @@ def classify_anthropic(
     return Verdict(Fault.TRANSIENT, reason=f"anthropic {status}", shared=overloaded)
 
 
+def classify_in_band(status: int, body: bytes, now: float) -> Verdict:
+    """An `event: error` inside a 200 stream, as the answer of `status` its type stands for. It has
+    no headers, so a rate_limit_error cools for the default wait rather than reading as a spend cap."""
+    if status == 429 and _spend_code(_error(body)) is None:
+        return Verdict(Fault.COOLDOWN, until=now + DEFAULT_COOLDOWN_S, reason="anthropic 429 in stream")
+    return classify_anthropic(status, {}, body, now, wall_now=None)
+
+
 def _rate_limited(
     headers: Mapping[str, str], error: dict[str, Any] | None, now: float, wall_now: float | None
 ) -> Verdict:
