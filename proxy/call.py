@@ -113,7 +113,7 @@ class Call:
             )
         except SpliceError as exc:
             # orjson accepted this body and msgspec did not: still forward it, re-encoded
-            logging.getLogger("llm_proxy.call").warning("request %s re-encoded: %s", self.request_id, exc)
+            log.warning("request %s re-encoded: %s", self.request_id, exc)
             body = orjson.dumps(data)
         cached = self._forwarded[upstream_model] = (body, data)
         return cached
