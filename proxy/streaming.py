@@ -1,16 +1,37 @@
 """Server-sent events as they pass through: event boundaries, the usage chunk, the end marker.
 
-Works on raw bytes and never re-encodes what it relays; knows nothing of sockets. Events may be
-any size: bytes are split at blank lines, never read line by line.
+Works on raw bytes and never re-encodes what it relays; knows nothing of sockets. Bytes are split
+at blank lines, never read line by line, and each byte is searched about once however an event is
+cut into chunks: an unfinished event is held as its parts and joined once, when it ends. An event
+too large to hold is an `UpstreamFailure`, like any other bad answer.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
+from .httpmessage import UpstreamFailure
+
 DONE = b"data: [DONE]"
+# The largest events LLM APIs stream (a whole tool call's arguments, a partial image in base64)
+# are a few MiB, and requests are capped at the same 8 MiB by default (server.max_body_bytes).
+# An unfinished event past this is a broken or hostile upstream: holding more would let one
+# stream take the gateway's memory.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+# How many held bytes a boundary completed by the next chunk can start in (`\r\n\r\n`, less one)
+_SEAM = 3
+_BOUNDARY = re.compile(rb"\n\n|\r\n\r\n")
+
+
+class EventTooLarge(UpstreamFailure):
+    """An upstream event grew past `MAX_EVENT_BYTES` before it ended: a bad answer, like any
+    other the upstream reader finds."""
+
+    def __init__(self) -> None:
+        super().__init__("bad_response", f"an event over {MAX_EVENT_BYTES} bytes")
 
 
 def event_boundary(data: bytes) -> int:
@@ -24,56 +45,106 @@ class SseScanner:
     """Splits a relayed stream into whole events and takes the usage out of it.
 
     `feed` returns the bytes to send now: every complete event so far, minus the usage-only
-    chunk when the client did not ask for it. An incomplete trailing event waits for the rest.
+    chunk when the client did not ask for it. An incomplete trailing event waits for the rest,
+    up to `MAX_EVENT_BYTES` (then `feed` raises EventTooLarge).
     """
 
-    __slots__ = ("strip_usage", "usage", "done", "_tail")
+    __slots__ = ("strip_usage", "usage", "done", "_parts", "_held")
 
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
         self.usage: dict[str, Any] | None = None
         self.done = False
-        self._tail = b""
+        self._parts: list[bytes] = []  # the incomplete trailing event, as it came
+        self._held = 0  # bytes in _parts
 
     @property
     def pending(self) -> bytes:
-        return self._tail
+        return b"".join(self._parts)
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._tail + chunk if self._tail else chunk
-        cut = event_boundary(data)
-        if cut == 0:
-            self._tail = data
+        cut = event_boundary(chunk)
+        if self._parts:
+            data = self._complete(chunk, cut)
+            if not data:
+                return b""
+        elif cut == len(chunk):  # the usual case: nothing held, a chunk of whole events
+            data = chunk
+        elif cut:
+            self._hold(chunk[cut:])
+            data = chunk[:cut]
+        else:  # the start of an event, held: inline, since this runs for every split event
+            self._parts.append(chunk)
+            self._held = len(chunk)
+            if self._held > MAX_EVENT_BYTES:
+                raise EventTooLarge()
             return b""
-        if cut == len(data):
-            self._tail = b""
-        else:
-            self._tail = data[cut:]
-            data = data[:cut]
         if not self.done and data.find(DONE) >= 0:
             self.done = True
         if data.find(b'"usage"') >= 0:
             data = self._take_usage(data)
         return data
 
+    def _hold(self, part: bytes) -> None:
+        self._parts.append(part)
+        self._held += len(part)
+        if self._held > MAX_EVENT_BYTES:
+            raise EventTooLarge()
+
+    def _complete(self, chunk: bytes, cut: int) -> bytes:
+        """Adds `chunk`, whose last boundary ends at `cut`, to the held event; returns the
+        events it completes, joined once, or b"". Only the new bytes were searched: a boundary
+        may also span the seam, starting in the held bytes and ending early in `chunk`."""
+        parts = self._parts
+        if cut < _SEAM and chunk:
+            cut = max(cut, _seam_cut(parts, chunk))
+        if cut <= 0:
+            if chunk:
+                self._hold(chunk)
+            return b""
+        end = chunk if cut == len(chunk) else chunk[:cut]
+        data = parts[0] + end if len(parts) == 1 else b"".join((*parts, end))
+        parts.clear()
+        self._held = 0
+        if cut != len(chunk):
+            self._hold(chunk[cut:])
+        return data
+
     def _take_usage(self, data: bytes) -> bytes:
-        """Records the usage object of any event carrying one; drops usage-only chunks if asked."""
-        start = 0
+        """Records the usage object of any event carrying one; drops usage-only chunks if asked.
+
+        Linear in `data` however many events carry usage: each search starts where the last
+        event it examined ended, and what is kept is joined once.
+        """
+        kept: list[bytes] | None = None  # made only when a usage-only chunk goes
+        start = floor = copied = 0  # floor: where the events not yet examined begin
         while (found := data.find(b'"usage"', start)) >= 0:
             start = found + 7
             if not _is_object_after(data, start):
                 continue  # `"usage": null` rides on every chunk once usage is asked for
-            begin = _event_start(data, found)
-            end = _event_end(data, found)
-            start = end
-            event = _parse_event(data[begin:end])
+            begin = _event_start(data, floor, found)
+            start = floor = _event_end(data, found)
+            event = _parse_event(data[begin:start])
             if event is None or type(event.get("usage")) is not dict:
                 continue
             self.usage = event["usage"]
             if self.strip_usage and not event.get("choices"):
-                data = data[:begin] + data[end:]
-                start = begin
-        return data
+                if kept is None:
+                    kept = []
+                kept.append(data[copied:begin])
+                copied = start
+        if kept is None:
+            return data
+        kept.append(data[copied:])
+        return b"".join(kept)
+
+
+def _seam_cut(parts: list[bytes], chunk: bytes) -> int:
+    """Where in `chunk` a boundary that starts in the held `parts` ends (0 when none does): one
+    starting in their last `_SEAM` bytes ends within the chunk's first `_SEAM`."""
+    last = parts[-1] if len(parts[-1]) >= _SEAM else b"".join(parts[-_SEAM:])
+    edge = last[-_SEAM:]
+    return event_boundary(edge + chunk[:_SEAM]) - len(edge)
 
 
 def _is_object_after(data: bytes, at: int) -> bool:
@@ -82,15 +153,18 @@ def _is_object_after(data: bytes, at: int) -> bool:
     return rest.startswith(b"{")
 
 
-def _event_start(data: bytes, at: int) -> int:
-    lf = data.rfind(b"\n\n", 0, at)
-    crlf = data.rfind(b"\r\n\r\n", 0, at)
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+def _event_start(data: bytes, floor: int, at: int) -> int:
+    """Where the event holding `at` begins: past the last boundary before it. `floor` is an event
+    start at or before `at`; a later boundary may overlap the one ending there (`\n\n\n`)."""
+    lf = data.rfind(b"\n\n", max(0, floor - 1), at)
+    crlf = data.rfind(b"\r\n\r\n", max(0, floor - 3), at)
+    return max(lf + 2 if lf >= 0 else floor, crlf + 4 if crlf >= 0 else floor)
 
 
 def _event_end(data: bytes, at: int) -> int:
-    ends = [i + n for i, n in ((data.find(b"\n\n", at), 2), (data.find(b"\r\n\r\n", at), 4)) if i >= 0]
-    return min(ends) if ends else len(data)
+    """Just past the event holding `at` (the first boundary after it), or the end of `data`."""
+    boundary = _BOUNDARY.search(data, at)
+    return boundary.end() if boundary is not None else len(data)
 
 
 def _parse_event(event: bytes) -> dict[str, Any] | None:
