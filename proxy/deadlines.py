@@ -2,6 +2,11 @@
 `asyncio.timeout_at(when)` (an async context manager that turns its own expiry into
 TimeoutError, with `reschedule`), without arming a timer per use.
 
+A deadline may also move on its own: with `due`, its time coming only means "ask again". `due()`
+then says when it really is, and a later answer puts it back on the timer, cancelling nothing.
+A caller whose deadline moves often (data per chunk) just notes the time, so nothing is re-armed
+per chunk, and what the deadline guards is never interrupted before it is really due.
+
 `asyncio.timeout_at` arms a timer each time (under uvloop a libuv timer is allocated, started,
 stopped and closed): about 5 µs per upstream attempt. Here a deadline joins the set of its
 `RESOLUTION_S` slot, and one timer per loop wakes at the earliest slot that holds any: a
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
+from collections.abc import Callable
 from types import TracebackType
 
 RESOLUTION_S = 0.01
@@ -58,20 +64,24 @@ class Deadlines:
         due = self._due
         while due and due[0] * RESOLUTION_S <= now:
             for deadline in self._slots.pop(heapq.heappop(due)):
-                deadline.expire()
-        if due:
+                deadline.expire(now)
+        # a deadline that moved was added back, which may have armed the timer already
+        if due and (self._timer is None or self._timer_slot != due[0]):
             self._arm(due[0])
 
 
 class Deadline:
     """One use of a deadline, entered once, like `asyncio.Timeout`."""
 
-    __slots__ = ("when", "slot", "_deadlines", "_task", "_cancelling", "_expired", "_active")
+    __slots__ = ("when", "slot", "_deadlines", "_due", "_task", "_cancelling", "_expired", "_active")
 
-    def __init__(self, deadlines: Deadlines, when: float) -> None:
+    def __init__(
+        self, deadlines: Deadlines, when: float, due: Callable[[], float] | None = None
+    ) -> None:
         self.when = when
         self.slot = 0
         self._deadlines = deadlines
+        self._due = due
         self._task: asyncio.Task[object] | None = None
         self._cancelling = 0
         self._expired = False
@@ -106,11 +116,20 @@ class Deadline:
             self._deadlines.discard(self)
             self._deadlines.add(self)
 
-    def expire(self) -> None:
-        if self._active and not self._expired:
-            self._expired = True
-            assert self._task is not None
-            self._task.cancel()
+    def expire(self, now: float) -> None:
+        """Its time came (`now`, with the timers' tolerance): cancels the task, unless `due`
+        moves the deadline past `now`."""
+        if not self._active or self._expired:
+            return
+        if self._due is not None:
+            when = self._due()
+            if when > now:
+                self.when = when
+                self._deadlines.add(self)
+                return
+        self._expired = True
+        assert self._task is not None
+        self._task.cancel()
 
     @property
     def expired(self) -> bool:
@@ -120,12 +139,13 @@ class Deadline:
 _wheel: tuple[asyncio.AbstractEventLoop | None, Deadlines | None] = (None, None)
 
 
-def deadline_at(when: float) -> Deadline:
-    """A deadline at loop time `when`, on the running loop's shared timer."""
+def deadline_at(when: float, *, due: Callable[[], float] | None = None) -> Deadline:
+    """A deadline at loop time `when`, on the running loop's shared timer; with `due`, one that
+    asks `due()` when its time comes and, if the answer is later, waits for that instead."""
     global _wheel
     loop = asyncio.get_running_loop()
     owner, deadlines = _wheel
     if owner is not loop or deadlines is None:
         deadlines = Deadlines(loop)
         _wheel = (loop, deadlines)
-    return Deadline(deadlines, when)
+    return Deadline(deadlines, when, due)

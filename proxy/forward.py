@@ -36,9 +36,18 @@ SUCCESS = Verdict(Fault.NONE)
 
 
 class Clock:
-    """One attempt's deadlines on one `Deadline`: first byte, then idle, under total."""
+    """One attempt's deadlines on one `Deadline`: first byte, then idle, under total.
 
-    __slots__ = ("loop", "timeouts", "total_at", "timer", "data_seen", "last_data")
+    `idle_s` runs only while the gateway waits on the upstream: while a write waits for the
+    client to take bytes, the client has `client_stall_s` instead.
+    """
+
+    # A client on which one write has waited this long (it took no bytes, or too few to drain the
+    # send buffer) is dropped: it holds an upstream connection and a slot of the account's
+    # concurrency. A constant until the config has a place for it; nginx's send_timeout default.
+    client_stall_s = 60.0
+
+    __slots__ = ("loop", "timeouts", "total_at", "timer", "data_seen", "last_data", "client_since")
 
     def __init__(self, timeouts: Timeouts) -> None:
         self.loop = asyncio.get_running_loop()
@@ -47,10 +56,20 @@ class Clock:
         self.total_at = now + timeouts.total_s
         self.timer = deadline_at(min(self.total_at, now + timeouts.first_byte_s))
         self.data_seen = False
-        self.last_data = now
+        self.last_data = now  # since when the gateway has been waiting on the upstream
+        self.client_since: float | None = None  # when the write now waiting on the client began
 
-    def idle_deadline(self) -> float:
-        return min(self.total_at, self.last_data + self.timeouts.idle_s)
+    def due(self) -> float:
+        """When the wait going on runs out: `idle_s` after the last data while reading;
+        `client_stall_s` after the write began while writing, looked at again within `idle_s`
+        so that once the write ends the idle deadline is not missed."""
+        if self.client_since is None:
+            return min(self.total_at, self.last_data + self.timeouts.idle_s)
+        return min(
+            self.total_at,
+            self.client_since + self.client_stall_s,
+            self.loop.time() + self.timeouts.idle_s,
+        )
 
     def tick(self) -> None:
         """Data arrived: the next chunk is due within `idle_s`."""
@@ -300,14 +319,16 @@ async def _pump(
     scanner: SseScanner,
     first: bytes,
 ) -> Verdict:
-    """Relays a committed stream to its end; a failure becomes one terminal error event."""
+    """Relays a committed stream to its end; a failure becomes one terminal error event, and a
+    client that stops taking bytes is dropped."""
     error: GatewayError | None = None
     try:
-        await response.write(first)
-        await _relay_chunks(response, exchange, clock, scanner)
+        await _relay_chunks(response, exchange, clock, scanner, first)
         if not scanner.done:
             error = errors.bad_upstream_response("stream ended before it was complete")
     except TimeoutError:
+        if clock.client_since is not None:
+            return _drop_client(call, response, clock)
         error = clock.expired()
     except UpstreamFailure as exc:
         error = errors.bad_upstream_response(exc.detail)
@@ -315,49 +336,77 @@ async def _pump(
         call.status = 499
         return SUCCESS  # the client left; the caller closes the upstream
     except asyncio.CancelledError:
-        if call.ended_by_shutdown:
-            await _end_with(response, errors.draining())
+        if call.ended_by_shutdown and not await _end_with(response, clock, errors.draining()):
+            _drop_client(call, response, clock)
         raise
     finally:
         call.record_usage(scanner.usage)
-    if error is None:
-        await response.write_eof()
-        return SUCCESS
-    call.error_type = error.code
-    _failed(call, error)
-    await _end_with(response, error)
-    return TRANSIENT
+    verdict = SUCCESS
+    if error is not None:
+        call.error_type = error.code
+        _failed(call, error)
+        verdict = TRANSIENT
+    if not await _end_with(response, clock, error):
+        _drop_client(call, response, clock)
+    return verdict
 
 
 async def _relay_chunks(
-    response: web.StreamResponse, exchange: Exchange, clock: Clock, scanner: SseScanner
+    response: web.StreamResponse, exchange: Exchange, clock: Clock, scanner: SseScanner, first: bytes
 ) -> None:
-    """Every chunk to the end of the stream, each due within `idle_s` of the one before.
+    """`first`, then every chunk to the end of the stream, under one deadline for them all.
 
-    One timer serves many chunks: a chunk only notes when it came, and a timer that fires
-    before the stream is really idle is set again and reading goes on (cancelling a pending
-    read or a drain loses nothing), so no timer is moved per chunk.
+    Nothing is re-armed per chunk: a chunk only notes when it came, a write when it began and
+    ended, and when the deadline's time comes `Clock.due` says when it really is; a later time
+    puts it back on the timer, interrupting nothing. So a pending read is cancelled only once
+    the upstream has been silent for `idle_s`, and a write only once the client has taken
+    nothing for `client_stall_s`: cancelling aiohttp's drain leaves the connection unusable
+    (its next drain fails at once), so it is done only to drop the client.
     """
     loop = clock.loop
     clock.data_seen = True
-    clock.last_data = loop.time()
-    while True:
-        try:
-            async with deadline_at(clock.idle_deadline()):
-                while chunk := await exchange.read():
-                    clock.last_data = loop.time()
-                    if out := scanner.feed(chunk):
-                        await response.write(out)
-                return
-        except TimeoutError:
-            if loop.time() >= clock.idle_deadline():
-                raise
+    clock.client_since = loop.time()
+    async with deadline_at(clock.due(), due=clock.due):
+        await response.write(first)
+        clock.client_since = None
+        clock.last_data = loop.time()
+        while chunk := await exchange.read():
+            if out := scanner.feed(chunk):
+                clock.client_since = loop.time()
+                await response.write(out)
+                clock.client_since = None
+            clock.last_data = loop.time()
 
 
-async def _end_with(response: web.StreamResponse, error: GatewayError) -> None:
-    """Ends a committed stream with one error event and no `[DONE]`."""
+async def _end_with(response: web.StreamResponse, clock: Clock, error: GatewayError | None) -> bool:
+    """Ends a committed stream, with one error event and no `[DONE]` when `error` is given.
+    False when the client took nothing for `client_stall_s` meanwhile (it is then to be dropped)."""
+    clock.client_since = clock.loop.time()
     try:
-        await response.write(error.sse_event())
-        await response.write_eof()
+        async with deadline_at(clock.client_since + clock.client_stall_s):
+            if error is not None:
+                await response.write(error.sse_event())
+            await response.write_eof()
+    except TimeoutError:
+        return False
     except ConnectionResetError:
-        pass
+        pass  # the client left
+    return True
+
+
+def _drop_client(call: Call, response: web.StreamResponse, clock: Clock) -> Verdict:
+    """Ends the stream of a client that stopped taking bytes: its connection is aborted, what it
+    has not taken is discarded, and the upstream, which kept up, is not at fault."""
+    waited = clock.loop.time() - (clock.client_since or clock.loop.time())
+    log.warning(
+        "stream dropped: the client took no bytes for %.1fs (client_stall_s=%g, total_s=%g), "
+        "request %s",
+        waited, clock.client_stall_s, clock.timeouts.total_s, call.request_id,
+    )
+    call.status, call.error_type = 408, "client_timeout"
+    # A graceful close would wait for the client to take the buffered bytes, which it may never
+    # do; and aiohttp offers no public way from a prepared response to its connection.
+    request = response._req
+    if request is not None and request.transport is not None:
+        request.transport.abort()
+    return SUCCESS

@@ -1,9 +1,11 @@
 """`deadline_at` against what `asyncio.timeout_at` promises: expiry becomes TimeoutError, never
-early, late by at most one slot; leaving the block disarms it; a real cancellation stays one."""
+early, late by at most one slot; leaving the block disarms it; a real cancellation stays one.
+A deadline with `due` moves when its time comes, without interrupting what the task awaits."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -99,3 +101,54 @@ async def test_many_concurrent_deadlines_fire_in_order_and_only_once() -> None:
     await asyncio.gather(*(one(i) for i in range(300)), *(finishing(i) for i in range(300)))
     assert len(fired) == 300
     assert fired == sorted(fired)  # slots expire in time order
+
+
+async def test_a_moving_deadline_asks_due_and_waits_without_interrupting_the_task() -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    moved_to = started + 0.15
+    asked: list[float] = []
+    awaited: asyncio.Future[None] = loop.create_future()  # what the block waits on, like a drain
+
+    def due() -> float:
+        asked.append(loop.time())
+        return moved_to
+
+    loop.call_at(started + 0.1, awaited.set_result, None)
+    async with deadline_at(started + 0.03, due=due):
+        await awaited  # past the first time: the deadline moved, so this is not cancelled
+    assert not awaited.cancelled()
+    assert len(asked) == 1 and asked[0] >= started + 0.03 - 0.002
+
+
+async def test_a_moving_deadline_expires_once_due_says_its_time_has_come() -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    answers = iter([started + 0.05, started + 0.08, started])  # later, later, then no later
+
+    with pytest.raises(TimeoutError):
+        async with deadline_at(started + 0.02, due=lambda: next(answers)):
+            await asyncio.sleep(5)
+    elapsed = loop.time() - started
+    assert 0.08 - 0.002 <= elapsed < 0.08 + RESOLUTION_S + SLACK_S
+
+
+async def test_moving_and_plain_deadlines_share_the_timer_and_each_fires_at_its_time() -> None:
+    loop = asyncio.get_running_loop()
+    base = loop.time()
+    fired: dict[str, float] = {}
+
+    async def guarded(name: str, when: float, **moving: Any) -> None:
+        try:
+            async with deadline_at(when, **moving):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            fired[name] = loop.time() - base
+
+    await asyncio.gather(
+        guarded("moved", base + 0.02, due=lambda: base + 0.12),
+        guarded("plain early", base + 0.04),
+        guarded("plain late", base + 0.08),
+    )
+    assert list(sorted(fired, key=fired.__getitem__)) == ["plain early", "plain late", "moved"]
+    assert fired["moved"] >= 0.12 - 0.002
