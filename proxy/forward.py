@@ -336,8 +336,8 @@ async def _pump(
         call.status = 499
         return SUCCESS  # the client left; the caller closes the upstream
     except asyncio.CancelledError:
-        if call.ended_by_shutdown and not await _end_with(response, clock, errors.draining()):
-            _drop_client(call, response, clock)
+        if call.ended_by_shutdown:
+            await _end_with(call, response, clock, errors.draining())
         raise
     finally:
         call.record_usage(scanner.usage)
@@ -346,8 +346,7 @@ async def _pump(
         call.error_type = error.code
         _failed(call, error)
         verdict = TRANSIENT
-    if not await _end_with(response, clock, error):
-        _drop_client(call, response, clock)
+    await _end_with(call, response, clock, error)
     return verdict
 
 
@@ -378,9 +377,11 @@ async def _relay_chunks(
             clock.last_data = loop.time()
 
 
-async def _end_with(response: web.StreamResponse, clock: Clock, error: GatewayError | None) -> bool:
-    """Ends a committed stream, with one error event and no `[DONE]` when `error` is given.
-    False when the client took nothing for `client_stall_s` meanwhile (it is then to be dropped)."""
+async def _end_with(
+    call: Call, response: web.StreamResponse, clock: Clock, error: GatewayError | None
+) -> None:
+    """Ends a committed stream, with one error event and no `[DONE]` when `error` is given; a
+    client that takes nothing for `client_stall_s` meanwhile is dropped."""
     clock.client_since = clock.loop.time()
     try:
         async with deadline_at(clock.client_since + clock.client_stall_s):
@@ -388,10 +389,9 @@ async def _end_with(response: web.StreamResponse, clock: Clock, error: GatewayEr
                 await response.write(error.sse_event())
             await response.write_eof()
     except TimeoutError:
-        return False
+        _drop_client(call, response, clock)
     except ConnectionResetError:
-        pass  # the client left
-    return True
+        call.status = 499  # the client left
 
 
 def _drop_client(call: Call, response: web.StreamResponse, clock: Clock) -> Verdict:
