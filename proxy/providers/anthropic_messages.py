@@ -61,12 +61,12 @@ def convert_messages(
     origins = _Origins()
     for i, message in enumerate(messages):
         role = message["role"]
-        if role == "system" or role == "developer":
-            blocks = _content_blocks(message.get("content"), f"messages[{i}]", media=False)
+        if role == "user":
+            blocks = _content_blocks(message.get("content"), i, media=True)
         elif role == "assistant":
             blocks = _assistant_blocks(message, i, build, origins, keep_thinking=keep_thinking)
-        elif role == "user":
-            blocks = _content_blocks(message.get("content"), f"messages[{i}]", media=True)
+        elif role == "system" or role == "developer":
+            blocks = _content_blocks(message.get("content"), i, media=False)
         else:
             blocks = [_tool_result(message, i, build, origins)]
         cache_control = message.get("cache_control")
@@ -85,46 +85,52 @@ def convert_messages(
             origins.turns.append(i)
     if not turns:
         raise invalid_value("messages", "No message has any content to send.")
-    _order_and_pair(turns, origins)
+    if origins.calls or origins.results:
+        _order_and_pair(turns, origins)
     _check_ends(turns, origins, build.caps)
     return system, turns
 
 
-def _content_blocks(content: Any, where: str, *, media: bool) -> list[dict[str, Any]]:
+def at(i: int, *path: str | int) -> str:
+    """A client's param name, built only for an error: at(1, "content", 0) is messages[1].content[0]."""
+    return f"messages[{i}]" + "".join(f"[{step}]" if type(step) is int else f".{step}" for step in path)
+
+
+def _content_blocks(content: Any, i: int, *, media: bool) -> list[dict[str, Any]]:
     if content is None:
         return []
     if type(content) is str:
         return [{"type": "text", "text": content}] if content else []
     if type(content) is not list:
-        raise invalid_value(f"{where}.content", "`content` must be a string or an array of parts.")
+        raise invalid_value(at(i, "content"), "`content` must be a string or an array of parts.")
     blocks = []
     for j, part in enumerate(content):
-        block = _part(part, f"{where}.content[{j}]", media=media)
+        block = _part(part, i, j, media=media)
         if block is not None:
             blocks.append(block)
     return blocks
 
 
-def _part(part: Any, where: str, *, media: bool) -> dict[str, Any] | None:
+def _part(part: Any, i: int, j: int, *, media: bool) -> dict[str, Any] | None:
     """One content part as a block; None for an empty text (Anthropic rejects those)."""
     if type(part) is not dict:
-        raise invalid_value(where, "Each content part must be an object.")
+        raise invalid_value(at(i, "content", j), "Each content part must be an object.")
     kind = part.get("type")
     if kind == "text" or kind == "refusal":
         text = part.get(kind)
         if type(text) is not str:
-            raise invalid_value(f"{where}.{kind}", f"A {kind} part needs a string `{kind}`.")
+            raise invalid_value(at(i, "content", j, kind), f"A {kind} part needs a string `{kind}`.")
         if not text:
             return None
         block: dict[str, Any] = {"type": "text", "text": text}
     elif media and kind == "image_url":
-        block = _image(part.get("image_url"), f"{where}.image_url")
+        block = _image(part.get("image_url"), at(i, "content", j, "image_url"))
     elif media and kind == "file":
-        block = _file(part.get("file"), f"{where}.file")
+        block = _file(part.get("file"), at(i, "content", j, "file"))
     elif kind == "input_audio":
-        raise unsupported(where, "Audio input is not supported by provider anthropic.")
+        raise unsupported(at(i, "content", j), "Audio input is not supported by provider anthropic.")
     else:
-        raise unsupported(f"{where}.type", "This content part type is not supported here by provider anthropic.")
+        raise unsupported(at(i, "content", j, "type"), "This content part type is not supported here by provider anthropic.")
     cache_control = part.get("cache_control")
     if cache_control is not None:
         block["cache_control"] = cache_control
@@ -180,9 +186,8 @@ def _assistant_blocks(
     message: dict[str, Any], i: int, build: Build, origins: _Origins, *, keep_thinking: bool
 ) -> list[dict[str, Any]]:
     """Signed thinking (the reasoning extension), then text, then one tool_use per call."""
-    where = f"messages[{i}]"
     blocks = _thinking_blocks(message.get("thinking_blocks")) if keep_thinking else []
-    blocks.extend(_content_blocks(message.get("content"), where, media=False))
+    blocks.extend(_content_blocks(message.get("content"), i, media=False))
     refusal = message.get("refusal")
     if type(refusal) is str and refusal and not any(block["type"] == "text" for block in blocks):
         blocks.append({"type": "text", "text": refusal})
@@ -190,13 +195,13 @@ def _assistant_blocks(
     function_call = message.get("function_call")
     if calls is not None:
         if type(calls) is not list:
-            raise invalid_value(f"{where}.tool_calls", "`tool_calls` must be an array.")
+            raise invalid_value(at(i, "tool_calls"), "`tool_calls` must be an array.")
         for k, call in enumerate(calls):
-            blocks.append(_tool_use(call, f"{where}.tool_calls[{k}]", i, build, origins))
+            blocks.append(_tool_use(call, ("tool_calls", k), i, build, origins))
     elif type(function_call) is dict:  # the legacy form: its result is the next `function` message
         call = {"id": f"call_function_{i}", "function": function_call}
         origins.last_function = call["id"]
-        blocks.append(_tool_use(call, f"{where}.function_call", i, build, origins))
+        blocks.append(_tool_use(call, ("function_call",), i, build, origins))
     return blocks
 
 
@@ -212,25 +217,28 @@ def _thinking_blocks(blocks: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _tool_use(call: Any, where: str, i: int, build: Build, origins: _Origins) -> dict[str, Any]:
+def _tool_use(call: Any, where: tuple[str | int, ...], i: int, build: Build, origins: _Origins) -> dict[str, Any]:
     if type(call) is not dict:
-        raise invalid_value(where, "Each tool call must be an object.")
+        raise invalid_value(at(i, *where), "Each tool call must be an object.")
     if call.get("type", "function") != "function":
-        raise unsupported(f"{where}.type", "Only function tool calls are supported by provider anthropic.")
+        raise unsupported(at(i, *where, "type"), "Only function tool calls are supported by provider anthropic.")
     function = call.get("function")
     name = function.get("name") if type(function) is dict else None
     if type(name) is not str or not name:
-        raise invalid_value(f"{where}.function.name", "A tool call needs a function name.")
+        raise invalid_value(at(i, *where, "function", "name"), "A tool call needs a function name.")
     assert type(function) is dict
-    tool_id = sanitized_tool_id(call.get("id"), f"{where}.id", build)
+    tool_id = sanitized_tool_id(call.get("id"), build)
+    if tool_id is None:
+        raise invalid_value(at(i, *where, "id"), "A tool call id must be a non-empty string.")
     origins.calls[tool_id] = (i, call["id"])
     return {"type": "tool_use", "id": tool_id, "name": name, "input": _arguments(function.get("arguments"), build)}
 
 
-def sanitized_tool_id(raw: Any, param: str, build: Build) -> str:
-    """Anthropic's id pattern `^[a-zA-Z0-9_-]+$`; stateless, so a call and its result still match."""
+def sanitized_tool_id(raw: Any, build: Build) -> str | None:
+    """Anthropic's id pattern `^[a-zA-Z0-9_-]+$` (None for an empty id); stateless, so a call and
+    its result still match."""
     if type(raw) is not str or not raw:
-        raise invalid_value(param, "A tool call id must be a non-empty string.")
+        return None
     if _TOOL_ID.fullmatch(raw):
         return raw
     build.repair("sanitized_tool_id")
@@ -256,13 +264,14 @@ def _arguments(arguments: Any, build: Build) -> Any:
 
 
 def _tool_result(message: dict[str, Any], i: int, build: Build, origins: _Origins) -> dict[str, Any]:
-    where = f"messages[{i}]"
     if message["role"] == "tool":
-        tool_id = sanitized_tool_id(message.get("tool_call_id"), f"{where}.tool_call_id", build)
+        tool_id = sanitized_tool_id(message.get("tool_call_id"), build)
+        if tool_id is None:
+            raise invalid_value(at(i, "tool_call_id"), "A tool call id must be a non-empty string.")
     elif origins.last_function is not None:
         tool_id, origins.last_function = origins.last_function, None
     else:
-        raise invalid_value(f"{where}.role", "A function message must follow an assistant function_call.")
+        raise invalid_value(at(i, "role"), "A function message must follow an assistant function_call.")
     origins.results[tool_id] = i
     block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_id}
     content = message.get("content")
@@ -270,7 +279,7 @@ def _tool_result(message: dict[str, Any], i: int, build: Build, origins: _Origin
         if content:
             block["content"] = content
     else:
-        parts = _content_blocks(content, where, media=True)
+        parts = _content_blocks(content, i, media=True)
         if parts:
             block["content"] = parts
     return block
@@ -290,7 +299,7 @@ def _order_and_pair(turns: list[dict[str, Any]], origins: _Origins) -> None:
             turn["content"] = results + [block for block in content if block["type"] != "tool_result"]
         for block in results:
             if block["tool_use_id"] not in expected:
-                where = f"messages[{origins.results[block['tool_use_id']]}].tool_call_id"
+                where = at(origins.results[block["tool_use_id"]], "tool_call_id")
                 raise invalid_value(where, "This tool message answers no tool call of the assistant message before it.")
         _require_answered(expected, {block["tool_use_id"] for block in results}, origins)
         expected = []
@@ -301,15 +310,13 @@ def _require_answered(expected: list[str], answered: set[str], origins: _Origins
     for tool_id in expected:
         if tool_id not in answered:
             i, raw = origins.calls[tool_id]
-            raise invalid_value(f"messages[{i}].tool_calls", f"tool call {raw} has no tool message.")
+            raise invalid_value(at(i, "tool_calls"), f"tool call {raw} has no tool message.")
 
 
 def _check_ends(turns: list[dict[str, Any]], origins: _Origins, caps: Caps) -> None:
     """The first turn is the user's; a final assistant turn is a prefill, if the model takes one."""
     if turns[0]["role"] == "assistant":
-        raise invalid_value(
-            f"messages[{origins.turns[0]}].role", "The first message after system messages must be a user message."
-        )
+        raise invalid_value(at(origins.turns[0], "role"), "The first message after system messages must be a user message.")
     last = turns[-1]
     if last["role"] != "assistant":
         return

@@ -78,6 +78,21 @@ class AnthropicStream:
         The output of a feed that raises is discarded (it was never the client's)."""
         if self.done or not chunk:
             return b""
+        if not self._parts and chunk.endswith(b"\n\n"):
+            complete = chunk  # the usual read: whole events
+        else:
+            complete = self._complete(chunk)
+            if not complete:
+                return b""
+        committed = self.committed
+        try:
+            return self._events(complete)
+        except BaseException:
+            self.committed = committed
+            raise
+
+    def _complete(self, chunk: bytes) -> bytes:
+        """The events `chunk` completes (b"" when none); holds what follows the last of them."""
         probe = self._edge + chunk if self._edge else chunk
         lf, crlf = probe.rfind(b"\n\n"), probe.rfind(b"\n\r\n")
         cut = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0) - len(self._edge)
@@ -91,13 +106,7 @@ class AnthropicStream:
         self._parts, self._held, self._edge = [], 0, b""
         if cut < len(chunk):
             self._hold(chunk[cut:])
-        committed = self.committed
-        try:
-            out = self._events(complete)
-        except BaseException:
-            self.committed = committed
-            raise
-        return out
+        return complete
 
     def _hold(self, piece: bytes) -> None:
         self._parts.append(piece)
@@ -111,13 +120,28 @@ class AnthropicStream:
             data = data.replace(b"\r\n", b"\n")
         out: list[bytes] = []
         for event in data.split(b"\n\n"):
+            if not event:
+                continue
             if len(event) > MAX_EVENT_BYTES:
                 raise ValueError(f"an upstream event over {MAX_EVENT_BYTES} bytes")
-            payload = _payload(event)
-            if payload is not None:
-                self._dispatch(orjson.loads(payload), out)
-                if self.done:
-                    break
+            start = event.find(b"data:")
+            if start < 0:
+                continue  # a comment, or an event: line alone
+            if (start == 0 or event[start - 1] == 10) and event.find(b"\n", start) < 0:
+                payload: bytes | None = event[start + 5 :]  # the usual shape: one data: line, last
+            else:
+                payload = _payload(event)
+            if payload is None:
+                continue
+            parsed = orjson.loads(payload)
+            delta = parsed.get("delta") if type(parsed) is dict else None
+            text = delta.get("text") if type(delta) is dict and delta.get("type") == "text_delta" else None
+            if type(text) is str and text and self.committed and parsed.get("type") == "content_block_delta":
+                out.append(self._prefix + orjson.dumps({"content": text}) + self._suffix)  # most events
+                continue
+            self._dispatch(parsed, out)
+            if self.done:
+                break
         return b"".join(out)
 
     def _dispatch(self, event: Any, out: list[bytes]) -> None:
@@ -264,11 +288,7 @@ def _stream_error(error: Any) -> AnthropicStreamError:
 
 
 def _payload(event: bytes) -> bytes | None:
-    """The event's data (lines joined by LF); None when it has none (a comment, a lone event:)."""
-    if event.startswith(b"event:"):
-        newline = event.find(b"\n")
-        if newline > 0 and event.startswith(b"data:", newline + 1) and event.find(b"\n", newline + 1) < 0:
-            return event[newline + 6 :]  # the common shape: one event: line, one data: line
+    """The data of an event with several lines: its data: lines joined by LF; None without any."""
     lines = [line[5:] for line in event.split(b"\n") if line.startswith(b"data:")]
     if not lines:
         return None
