@@ -140,8 +140,8 @@ class SseScanner:
 
 
 def _seam_cut(parts: list[bytes], chunk: bytes) -> int:
-    """Where in `chunk` a boundary that starts in the held `parts` ends (0 when none does): one
-    starting in their last `_SEAM` bytes ends within the chunk's first `_SEAM`."""
+    """Where in `chunk` a boundary that starts in the held `parts` ends (at most 0 when none
+    does): one starting in their last `_SEAM` bytes ends within the chunk's first `_SEAM`."""
     last = parts[-1] if len(parts[-1]) >= _SEAM else b"".join(parts[-_SEAM:])
     edge = last[-_SEAM:]
     return event_boundary(edge + chunk[:_SEAM]) - len(edge)
@@ -155,7 +155,7 @@ def _is_object_after(data: bytes, at: int) -> bool:
 
 def _event_start(data: bytes, floor: int, at: int) -> int:
     """Where the event holding `at` begins: past the last boundary before it. `floor` is an event
-    start at or before `at`; a later boundary may overlap the one ending there (`\n\n\n`)."""
+    start at or before `at`; a later boundary may overlap the one ending there (three line feeds)."""
     lf = data.rfind(b"\n\n", max(0, floor - 1), at)
     crlf = data.rfind(b"\r\n\r\n", max(0, floor - 3), at)
     return max(lf + 2 if lf >= 0 else floor, crlf + 4 if crlf >= 0 else floor)
