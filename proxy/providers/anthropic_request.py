@@ -57,12 +57,7 @@ def to_anthropic(data: dict[str, Any], *, model: str, caps: Caps, default_max_to
     if json_tool is not None:
         tools = [*(tools or []), json_tool]
         choice = {"type": "tool", "name": JSON_TOOL, "disable_parallel_tool_use": True}
-    if effort is not None and choice is not None and choice["type"] in _FORCED:
-        effort = None  # the tool choice wins: thinking allows only auto or none
-        build.repair("thinking_disabled_forced_tool_choice")
-    if effort is not None and not _tool_history_signed(data["messages"]):
-        effort = None
-        build.repair("thinking_disabled_tool_history")
+    effort = _effort_kept(effort, choice, data["messages"], build)
     system, messages = convert_messages(data["messages"], build, keep_thinking=effort is not None)
     if system:
         out["system"] = system
@@ -272,6 +267,22 @@ def closed_schema(schema: Any) -> Any:
     if type(out.get("properties")) is dict and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
+
+
+def _effort_kept(
+    effort: str | None, choice: dict[str, Any] | None, messages: list[Any], build: Build
+) -> str | None:
+    """The effort, unless thinking must stay off: with a forced tool (thinking allows only auto
+    or none, and the tool choice wins), or over tool history it could not continue."""
+    if effort is None:
+        return None
+    if choice is not None and choice["type"] in _FORCED:
+        build.repair("thinking_disabled_forced_tool_choice")
+        return None
+    if not _tool_history_signed(messages):
+        build.repair("thinking_disabled_tool_history")
+        return None
+    return effort
 
 
 def _tool_history_signed(messages: list[Any]) -> bool:
