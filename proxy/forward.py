@@ -179,7 +179,7 @@ async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.Stre
         except ConnectionResetError:
             # the client left before its first byte: end the request as a cancelled one
             raise asyncio.CancelledError from None
-        verdict = await _pump(call, result, exchange, clock, scanner, first)
+        verdict = await _pump(call, request, result, exchange, clock, scanner, first)
         return result
     finally:
         elapsed = time.perf_counter() - started
@@ -313,6 +313,7 @@ async def _open_sse(call: Call, request: web.Request) -> web.StreamResponse:
 
 async def _pump(
     call: Call,
+    request: web.Request,
     response: web.StreamResponse,
     exchange: Exchange,
     clock: Clock,
@@ -328,7 +329,7 @@ async def _pump(
             error = errors.bad_upstream_response("stream ended before it was complete")
     except TimeoutError:
         if clock.client_since is not None:
-            return _drop_client(call, response, clock)
+            return _drop_client(call, request, clock)
         error = clock.expired()
     except UpstreamFailure as exc:
         error = errors.bad_upstream_response(exc.detail)
@@ -337,7 +338,7 @@ async def _pump(
         return SUCCESS  # the client left; the caller closes the upstream
     except asyncio.CancelledError:
         if call.ended_by_shutdown:
-            await _end_with(call, response, clock, errors.draining())
+            await _end_with(call, request, response, clock, errors.draining())
         raise
     finally:
         call.record_usage(scanner.usage)
@@ -346,7 +347,7 @@ async def _pump(
         call.error_type = error.code
         _failed(call, error)
         verdict = TRANSIENT
-    await _end_with(call, response, clock, error)
+    await _end_with(call, request, response, clock, error)
     return verdict
 
 
@@ -378,7 +379,8 @@ async def _relay_chunks(
 
 
 async def _end_with(
-    call: Call, response: web.StreamResponse, clock: Clock, error: GatewayError | None
+    call: Call, request: web.Request, response: web.StreamResponse, clock: Clock,
+    error: GatewayError | None,
 ) -> None:
     """Ends a committed stream, with one error event and no `[DONE]` when `error` is given; a
     client that takes nothing for `client_stall_s` meanwhile is dropped."""
@@ -389,12 +391,12 @@ async def _end_with(
                 await response.write(error.sse_event())
             await response.write_eof()
     except TimeoutError:
-        _drop_client(call, response, clock)
+        _drop_client(call, request, clock)
     except ConnectionResetError:
         call.status = 499  # the client left
 
 
-def _drop_client(call: Call, response: web.StreamResponse, clock: Clock) -> Verdict:
+def _drop_client(call: Call, request: web.Request, clock: Clock) -> Verdict:
     """Ends the stream of a client that stopped taking bytes: its connection is aborted, what it
     has not taken is discarded, and the upstream, which kept up, is not at fault."""
     waited = clock.loop.time() - (clock.client_since or clock.loop.time())
@@ -404,9 +406,7 @@ def _drop_client(call: Call, response: web.StreamResponse, clock: Clock) -> Verd
         waited, clock.client_stall_s, clock.timeouts.total_s, call.request_id,
     )
     call.status, call.error_type = 408, "client_timeout"
-    # A graceful close would wait for the client to take the buffered bytes, which it may never
-    # do; and aiohttp offers no public way from a prepared response to its connection.
-    request = response._req
-    if request is not None and request.transport is not None:
+    # A graceful close would wait for the client to take the buffered bytes, which it may never do.
+    if request.transport is not None:
         request.transport.abort()
     return SUCCESS
