@@ -74,7 +74,7 @@ def test_b9_every_stop_reason_the_sdk_knows_maps_into_openai_values() -> None:
     known = get_args(anthropic.types.StopReason)
     assert set(known) <= set(FINISH), "the SDK knows a stop_reason this table does not"
     for stop_reason in known:
-        answer = from_anthropic(message([TEXT], stop_reason), created=1)
+        answer = from_anthropic(message([TEXT, TOOL_A], stop_reason), created=1)
         assert orjson.loads(answer.body)["choices"][0]["finish_reason"] == FINISH[stop_reason]
         assert answer.unknown == ()
 
@@ -102,6 +102,10 @@ def test_b4_b5_usage_folds_cache_counters_into_prompt_tokens(extra: dict[str, An
             usage["prompt_tokens_details"]["cache_write_tokens"]) == expected
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]  # B5
     assert orjson.loads(answer.body)["usage"] == usage
+
+
+def test_tool_use_without_a_tool_call_finishes_with_stop() -> None:
+    assert convert(message([TEXT], "tool_use"))["choices"][0]["finish_reason"] == "stop"
 
 
 def test_thinking_tokens_become_reasoning_tokens_when_reported() -> None:

@@ -142,6 +142,11 @@ MESSAGES = {
     "cache_control on a user message goes on its last block": (
         [{"role": "user", "content": [text("a"), text("b")], "cache_control": EPHEMERAL}],
         None, [user(text("a"), text("b", cache_control=EPHEMERAL))]),
+    "cache_control on a tool message goes on its tool_result; null types are absent": (
+        [USER, {"role": "assistant", "tool_calls": [{**call("call_1"), "type": None}]},
+         {"role": "tool", "tool_call_id": "call_1", "content": "18C", "cache_control": EPHEMERAL}],
+        None, [user(text("Hi")), {"role": "assistant", "content": [tool_use("call_1")]},
+               user({"type": "tool_result", "tool_use_id": "call_1", "content": "18C", "cache_control": EPHEMERAL})]),
     "consecutive user turns merged": (
         [USER, {"role": "user", "content": [text("again")]}], None, [user(text("Hi"), text("again"))]),
     "refusal parts and a refusal become text": (

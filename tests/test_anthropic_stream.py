@@ -198,6 +198,11 @@ def test_a_message_without_content_still_ends_with_role_finish_usage_and_done() 
     assert stream.done and stream.feed(text_events(0, "late")) == b""
 
 
+def test_tool_use_without_a_tool_call_finishes_with_stop() -> None:
+    stop = sse({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 4}}) + sse({"type": "message_stop"})
+    assert chunks(run([START + text_events(0, "x") + stop])[0])[-2].choices[0].finish_reason == "stop"
+
+
 def test_json_mode_streams_the_forced_tool_input_as_content() -> None:
     tool = {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t", "name": "json_tool_call", "input": {}}}
     parts = [sse({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": p}}) for p in ('{"a"', ": 1}")]

@@ -20,7 +20,7 @@ def test_b15_tool_definitions_keep_their_whole_schema() -> None:
               "required": ["unit"], "additionalProperties": False, "$defs": {"x": {"type": "string"}}}
     tools = [
         {"type": "function", "function": {"name": "a", "description": "Does a", "parameters": schema, "strict": True}},
-        {"type": "function", "function": {"name": "b"}},
+        {"type": None, "function": {"name": "b", "description": None, "parameters": None, "strict": None}},
         {"type": "function", "function": {"name": "c", "parameters": {"properties": {}}}, "cache_control": EPHEMERAL},
     ]
     assert convert({"tools": tools})["tools"] == [

@@ -39,15 +39,14 @@ def label(value: Any) -> str:
     return value[:MAX_LABEL] if type(value) is str else "invalid"
 
 
-def finish_reason(stop_reason: Any, unknown: list[tuple[str, str]], *, json_mode: bool = False) -> str:
-    """OpenAI's finish_reason for Anthropic's stop_reason; an unknown one is "stop", recorded."""
+def finish_reason(stop_reason: Any, unknown: list[tuple[str, str]], *, called: bool) -> str:
+    """OpenAI's finish_reason for Anthropic's stop_reason; an unknown one is "stop", recorded.
+    "tool_calls" only when the client got a tool call (not the JSON tool of response_format)."""
     mapped = FINISH_REASONS.get(stop_reason) if type(stop_reason) is str else None
     if mapped is None:
         unknown.append(("stop_reason", label(stop_reason)))
         return "stop"
-    if json_mode and mapped == "tool_calls":
-        return "stop"  # the forced JSON tool's input is the answer's content
-    return mapped
+    return "stop" if mapped == "tool_calls" and not called else mapped
 
 
 def _count(value: Any) -> int:
@@ -89,7 +88,7 @@ def from_anthropic(body: bytes, *, created: int, json_mode: bool = False) -> Ans
         "index": 0,
         "message": reply,
         "logprobs": None,
-        "finish_reason": finish_reason(message.get("stop_reason"), unknown, json_mode=json_mode),
+        "finish_reason": finish_reason(message.get("stop_reason"), unknown, called="tool_calls" in reply),
     }
     out = {
         "id": message["id"],

@@ -220,7 +220,7 @@ def _thinking_blocks(blocks: Any) -> list[dict[str, Any]]:
 def _tool_use(call: Any, where: tuple[str | int, ...], i: int, build: Build, origins: _Origins) -> dict[str, Any]:
     if type(call) is not dict:
         raise invalid_value(at(i, *where), "Each tool call must be an object.")
-    if call.get("type", "function") != "function":
+    if (call.get("type") or "function") != "function":
         raise unsupported(at(i, *where, "type"), "Only function tool calls are supported by provider anthropic.")
     function = call.get("function")
     name = function.get("name") if type(function) is dict else None

@@ -127,7 +127,7 @@ def _tools(data: dict[str, Any]) -> list[dict[str, Any]] | None:
 def _tool(tool: Any, j: int) -> dict[str, Any]:
     if type(tool) is not dict:
         raise invalid_value(f"tools[{j}]", "Each tool must be an object.")
-    if tool.get("type", "function") != "function":
+    if (tool.get("type") or "function") != "function":
         raise unsupported(f"tools[{j}].type", "Only function tools are supported by provider anthropic.")
     function = tool.get("function")
     name = function.get("name") if type(function) is dict else None

@@ -267,7 +267,7 @@ class AnthropicStream:
         if not self.committed:
             out.append(self._role)
             self.committed = True
-        finish = finish_reason(self._stop, self.unknown, json_mode=self.json_mode)
+        finish = finish_reason(self._stop, self.unknown, called=self._tools > 0)
         null_usage = b',"usage":null' if self.include_usage else b""
         out.append(
             self._prefix + b'{},"logprobs":null,"finish_reason":"' + finish.encode() + b'"}]' + null_usage + b"}\n\n"
