@@ -197,9 +197,12 @@ def _allowed_tools(
     if type(allowed) is not dict or allowed.get("mode") not in ("auto", "required"):
         raise invalid_value("tool_choice.allowed_tools", "`allowed_tools` needs a mode of auto or required.")
     names = set()
-    for tool in allowed.get("tools") or ():
+    listed = allowed.get("tools")
+    for tool in listed if type(listed) is list else ():
         function = tool.get("function") if type(tool) is dict else None
-        names.add(function.get("name") if type(function) is dict else tool.get("name"))
+        name = function.get("name") if type(function) is dict else tool.get("name") if type(tool) is dict else None
+        if type(name) is str:
+            names.add(name)
     subset = [tool for tool in tools if tool["name"] in names]
     return {"type": "any" if allowed["mode"] == "required" else "auto"}, subset or tools
 
@@ -221,10 +224,13 @@ def _response_format(
 ) -> dict[str, Any] | None:
     """Sets `output_config.format` natively, or returns the forced tool that emulates it."""
     fmt = data.get("response_format")
-    kind = fmt.get("type") if type(fmt) is dict else None
-    if fmt is None or kind == "text":
+    if fmt is None:
         return None
-    assert type(fmt) is dict
+    if type(fmt) is not dict:
+        raise invalid_value("response_format", "`response_format` must be an object.")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         schema = spec.get("schema") if type(spec) is dict else None

@@ -65,9 +65,9 @@ class AnthropicStream:
         self._role = b""  # the held role chunk
         self._stop: Any = None
         self._tools = 0  # tool calls seen: the next one's OpenAI index
-        self._slots: dict[Any, int] = {}  # content block index → tool call index
-        self._empty: set[Any] = set()  # tool blocks whose input has had no bytes yet
-        self._json_block: Any = None
+        self._slots: dict[int, int] = {}  # content block index → tool call index
+        self._empty: set[int] = set()  # tool blocks whose input has had no bytes yet
+        self._json_block: int | None = None
 
     @property
     def pending(self) -> bytes:
@@ -151,7 +151,7 @@ class AnthropicStream:
         elif kind == "content_block_start":
             self._block_start(event, out)
         elif kind == "content_block_stop":
-            self._block_stop(event.get("index"), out)
+            self._block_stop(_index(event), out)
         elif kind == "message_delta":
             self._message_delta(event)
         elif kind == "message_start":
@@ -187,22 +187,22 @@ class AnthropicStream:
         out.append(self._prefix + orjson.dumps(delta) + self._suffix)
 
     def _block_start(self, event: dict[str, Any], out: list[bytes]) -> None:
-        index, block = event.get("index"), event.get("content_block")
+        block = event.get("content_block")
         if type(block) is not dict:
             raise ValueError("content_block_start without a content block")
         kind = block.get("type")
         if kind == "text":
-            if block.get("text"):
+            if type(block.get("text")) is str and block["text"]:
                 self._emit({"content": block["text"]}, out)
         elif kind == "tool_use":
-            self._tool_start(index, block, out)
+            self._tool_start(_index(event), block, out)
         elif kind == "thinking":
-            if block.get("thinking"):
+            if type(block.get("thinking")) is str and block["thinking"]:
                 self._emit({"reasoning_content": block["thinking"]}, out)
         elif kind != "redacted_thinking":
             self.dropped_blocks.append(label(kind))
 
-    def _tool_start(self, index: Any, block: dict[str, Any], out: list[bytes]) -> None:
+    def _tool_start(self, index: int, block: dict[str, Any], out: list[bytes]) -> None:
         name, tool_id = block.get("name"), block.get("id")
         if type(name) is not str or type(tool_id) is not str:
             raise ValueError("a tool_use block without id and name")
@@ -217,7 +217,7 @@ class AnthropicStream:
         if block.get("input"):  # a whole input up front: not what Anthropic sends, but valid
             self._arguments(index, orjson.dumps(block["input"]).decode(), out)
 
-    def _arguments(self, index: Any, text: str, out: list[bytes]) -> None:
+    def _arguments(self, index: int, text: str, out: list[bytes]) -> None:
         self._empty.discard(index)
         if index == self._json_block:
             self._emit({"content": text}, out)
@@ -239,14 +239,14 @@ class AnthropicStream:
         elif kind == "input_json_delta":
             part = delta.get("partial_json")
             if type(part) is str and part:
-                self._arguments(event.get("index"), part, out)
+                self._arguments(_index(event), part, out)
         elif kind == "thinking_delta":
             thinking = delta.get("thinking")
             if type(thinking) is str and thinking:
                 self._emit({"reasoning_content": thinking}, out)
         # signature_delta, citations_delta: nothing the client's chunks can carry
 
-    def _block_stop(self, index: Any, out: list[bytes]) -> None:
+    def _block_stop(self, index: int, out: list[bytes]) -> None:
         if index in self._empty:  # a tool called without input: its arguments are "{}", never ""
             self._arguments(index, _EMPTY_ARGUMENTS, out)
 
@@ -277,6 +277,13 @@ class AnthropicStream:
             out.append(b"data: " + self._head + b'"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n")
         out.append(DONE)
         self.done = True
+
+
+def _index(event: dict[str, Any]) -> int:
+    index = event.get("index")
+    if type(index) is not int:
+        raise ValueError(f"{event.get('type')} without a block index")
+    return index
 
 
 def _stream_error(error: Any) -> AnthropicStreamError:
