@@ -4,6 +4,7 @@ JSON answers, its streams and its errors; and the converters work over HTTP agai
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
@@ -13,12 +14,15 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from proxy.caps import Caps
+from proxy.faults import Fault
 from proxy.providers.anthropic_answer import from_anthropic
+from proxy.providers.anthropic_errors import caller_error, classify_anthropic, upstream_request_id
 from proxy.providers.anthropic_request import to_anthropic
 from proxy.providers.anthropic_stream import AnthropicStream, AnthropicStreamError
 
 from .fakeanthropic import API_KEY, ErrorReply, FakeAnthropic, Reply, redacted_thinking, text, thinking, tool_use, usage
 
+WALL = 1_700_000_000.0
 ASK = {"model": "claude-fake-1", "max_tokens": 256, "messages": [{"role": "user", "content": "Weather?"}]}
 BLOCKS = [
     thinking("The user wants weather in two cities."),
@@ -209,3 +213,25 @@ async def test_an_in_band_error_before_any_content_leaves_the_client_untouched(f
             assert stream.feed(chunk) == b""
     assert (caught.value.verdict_status, caught.value.error_type) == (529, "overloaded_error")
     assert not stream.committed
+
+
+async def test_error_answers_as_read_from_the_socket_classify_and_relay(fake: tuple[FakeAnthropic, str]) -> None:
+    upstream, url = fake
+    reset = datetime.fromtimestamp(WALL + 42, timezone.utc).isoformat()
+    upstream.script(
+        ErrorReply(429, "rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit",
+                   {"anthropic-ratelimit-tokens-remaining": "0", "anthropic-ratelimit-tokens-reset": reset,
+                    "anthropic-ratelimit-requests-remaining": "49", "anthropic-ratelimit-requests-reset": reset}),
+        ErrorReply(400, "invalid_request_error", "max_tokens: must be at least 1"),
+    )
+    headers = {"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}v1/messages", data=orjson.dumps(ASK), headers=headers) as response:
+            verdict = classify_anthropic(response.status, response.headers, await response.read(), 10.0, wall_now=WALL)
+        assert (verdict.fault, verdict.until) == (Fault.COOLDOWN, pytest.approx(52.0))
+        async with session.post(f"{url}v1/messages", data=orjson.dumps(ASK), headers=headers) as response:
+            body = await response.read()
+            assert classify_anthropic(response.status, response.headers, body, 10.0, wall_now=WALL).fault is Fault.CALLER
+            assert upstream_request_id(response.headers) == response.headers["request-id"]
+    assert orjson.loads(caller_error(400, body))["error"] == {
+        "message": "max_tokens: must be at least 1", "type": "invalid_request_error", "param": None, "code": "invalid_request_error"}
