@@ -210,7 +210,8 @@ def _thinking_blocks(blocks: Any) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for block in blocks if type(blocks) is list else ():
         kind = block.get("type") if type(block) is dict else None
-        if kind == "thinking" and type(block.get("thinking")) is str and type(block.get("signature")) is str:
+        signature = block.get("signature") if kind == "thinking" else None
+        if type(signature) is str and signature and type(block.get("thinking")) is str:
             out.append({"type": "thinking", "thinking": block["thinking"], "signature": block["signature"]})
         elif kind == "redacted_thinking" and type(block.get("data")) is str:
             out.append({"type": "redacted_thinking", "data": block["data"]})

@@ -38,7 +38,9 @@ class Converted:
     """An Anthropic request body and what the conversion did to get it."""
 
     body: bytes
-    dropped: tuple[str, ...]  # client params Anthropic lacks (llm_proxy_conversion_dropped_params_total)
+    # client params not sent: ones Anthropic lacks, sampling params the model or thinking refuses,
+    # an identifying user (llm_proxy_conversion_dropped_params_total)
+    dropped: tuple[str, ...]
     repairs: tuple[str, ...]  # kinds of repair done, each once (llm_proxy_conversion_repairs_total)
     stream: bool
     include_usage: bool  # the client asked for stream_options.include_usage
