@@ -12,10 +12,10 @@ from typing import Any
 
 import orjson
 
+from ..streaming import MAX_EVENT_BYTES
 from .anthropic_answer import JSON_TOOL, finish_reason, label, openai_usage
 from .anthropic_errors import ERROR_STATUSES
 
-MAX_EVENT_BYTES = 8 << 20
 DONE = b"data: [DONE]\n\n"
 _ROLE = b'{"role":"assistant","content":""}'
 _EMPTY_ARGUMENTS = "{}"
@@ -74,7 +74,8 @@ class AnthropicStream:
         return b"".join(self._parts)
 
     def feed(self, chunk: bytes) -> bytes:
-        """ValueError for a malformed or oversized event; AnthropicStreamError for `event: error`.
+        """ValueError for a malformed event or one over streaming.MAX_EVENT_BYTES (the cap of
+        pass-through streams); AnthropicStreamError for `event: error`.
         The output of a feed that raises is discarded (it was never the client's)."""
         if self.done or not chunk:
             return b""
