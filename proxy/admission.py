@@ -2,38 +2,22 @@
 to a refusal, and OpenAI's `x-ratelimit-*` headers.
 
 The bucket math and the stores live in `ratelimit`/`redislimits`; this module only speaks for
-one request. The tables it reads are built once per config by `BucketTables`.
+one request. The tables it reads are built once per config by `buckets.BucketTables`.
 """
 
 from __future__ import annotations
 
 import math
 
+from .buckets import NO_BUCKETS
 from .call import Call
-from .config import Config
 from .errors import GatewayError, budget_exhausted, rate_limited
-from .ratelimit import RPM, TPM, Ask, Bucket, Levels, Refusal, buckets_for
+from .ratelimit import RPM, TPM, Ask, Bucket, Levels, Refusal
 
-NO_BUCKETS: tuple[Bucket, ...] = ()
 _HEADER_KINDS = {
     dimension: tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset"))
     for dimension, kind in ((RPM, "requests"), (TPM, "tokens"))
 }
-
-
-class BucketTables:
-    """Every configured bucket by owner, built once per config (limits ÷ `divisor` workers)."""
-
-    def __init__(self, config: Config, divisor: int) -> None:
-        self.keys = {k.name: buckets_for("key", k.name, k.limits, divisor) for k in config.keys}
-        self.models = {
-            m.name: buckets_for("model", m.name, m.limits, divisor) for m in config.models.values()
-        }
-        self.accounts = {
-            f"{p.name}/{a.name}": buckets_for("account", f"{p.name}/{a.name}", a.limits, divisor)
-            for p in config.providers.values()
-            for a in p.accounts
-        }
 
 
 def reservation(call: Call) -> int:

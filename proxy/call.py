@@ -35,6 +35,7 @@ class Call:
         "attempts",
         "tried",
         "provider",
+        "provider_type",
         "account",
         "status",
         "error_type",
@@ -62,6 +63,7 @@ class Call:
         self.attempts = 0
         self.tried: list[Account] = []
         self.provider: str | None = None
+        self.provider_type: str | None = None  # the protocol the upstream spoke (SPEC §9)
         self.account: str | None = None
         self.status = 0
         self.error_type: str | None = None

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from .caps import Caps
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,12 @@ class ServerConfig:
     drain_delay_s: float = 5.0
     shutdown_grace_s: float = 30.0
     admin_key: str = ""
+    # A new connection's first request head must be complete this long after it was accepted.
+    header_timeout_s: float = 10.0
+    # An idle keep-alive connection closes this long after its last answer, unless the next
+    # request's head is complete by then. Above common load balancers' 60 s idle timeout, so
+    # they close first and never reuse a connection the gateway is closing.
+    keepalive_s: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +88,17 @@ class AccountConfig:
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
-    type: str  # openai | mock
+    type: str  # openai | anthropic | azure | gemini | mock (SPEC §9)
     base_url: str = ""  # without a trailing slash; empty for mock
     timeouts: Timeouts = Timeouts()
     breaker: BreakerConfig = BreakerConfig()
     accounts: tuple[AccountConfig, ...] = ()
     latency_ms: float = 0.0  # mock only
     chunk_delay_ms: float = 0.0  # mock only
+    imitate: str = "openai"  # mock only: the protocol it answers in (openai | anthropic)
+    anthropic_version: str = "2023-06-01"  # anthropic only
+    anthropic_beta: tuple[str, ...] = ()  # anthropic only: sent on every request
+    api_version: str = ""  # azure only: "v1" or a dated api-version
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +115,7 @@ class ModelConfig:
     fallbacks: tuple[str, ...] = ()
     limits: Limits = Limits()
     default_max_tokens: int = 1024
+    caps: Caps = Caps()  # what the upstream model accepts, read by converters
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from .config import (
     Config,
     ConfigError,
 )
+from .caps import THINKING_MODES, Caps
 from .configreader import (
     Reader,
     Rule,
@@ -116,6 +117,8 @@ _SERVER: Spec = {
     "max_body_bytes": (int, _POSITIVE),
     "drain_delay_s": (float, _NOT_NEGATIVE),
     "shutdown_grace_s": (float, _NOT_NEGATIVE),
+    "header_timeout_s": (float, _POSITIVE),
+    "keepalive_s": (float, _POSITIVE),
 }
 _REDIS: Spec = {
     "url": (str, _REDIS_URL),
@@ -128,7 +131,23 @@ _KEY: Spec = {
     "budget_tokens": (int, _POSITIVE),
 }
 _LIMITS: Spec = dict.fromkeys(("rpm", "tpm", "concurrency"), (int, _POSITIVE))
-_MOCK: Spec = dict.fromkeys(("latency_ms", "chunk_delay_ms"), (float, _NOT_NEGATIVE))
+_MOCK: Spec = {
+    **dict.fromkeys(("latency_ms", "chunk_delay_ms"), (float, _NOT_NEGATIVE)),
+    "imitate": (str, one_of("openai", "anthropic")),
+}
+_ANTHROPIC: Spec = {"anthropic_version": (str, _header_text)}
+_AZURE: Spec = {"api_version": (str, _header_text)}
+# Options that only one type reads, by type: a key of another type's is a mistake worth naming.
+_TYPE_OPTIONS: dict[str, Spec] = {"mock": _MOCK, "anthropic": {**_ANTHROPIC, "anthropic_beta": (str, None)}, "azure": _AZURE}
+_PROVIDER_TYPES = ("openai", "anthropic", "azure", "gemini", "mock")
+_CAPS: Spec = {
+    "max_output_tokens": (int, _POSITIVE),
+    "thinking": (str, one_of(*THINKING_MODES)),
+    **dict.fromkeys(
+        ("sampling_params", "prefill", "forced_tool_choice", "structured_outputs", "expose_reasoning"),
+        (bool, None),
+    ),
+}
 _TIMEOUTS: Spec = dict.fromkeys(
     ("connect_s", "first_byte_s", "idle_s", "total_s"), (float, _POSITIVE)
 )
@@ -212,14 +231,15 @@ def _read_key_hash(r: Reader) -> str:
 
 
 def _read_provider(name: str, r: Reader) -> ProviderConfig:
-    kind = r.get("type", str, "", one_of("openai", "mock"), required=True)
-    is_openai = kind == "openai"
-    for key in _MOCK:
-        if is_openai and key in r.data:
-            r.report(key, "only allowed for type mock")
-    base_url = r.get("base_url", str, "", _HTTP_URL, required=is_openai)
-    read_account = partial(_read_account, needs_key=is_openai)
-    accounts = r.each("accounts", read_account, least="account" if is_openai else "")
+    kind = r.get("type", str, "", one_of(*_PROVIDER_TYPES), required=True)
+    is_remote = kind != "mock"
+    for owner, options in _TYPE_OPTIONS.items():
+        for key in options:
+            if kind and kind != owner and key in r.data:
+                r.report(key, f"only allowed for type {owner}")
+    base_url = r.get("base_url", str, "", _HTTP_URL, required=is_remote)
+    read_account = partial(_read_account, needs_key=is_remote)
+    accounts = r.each("accounts", read_account, least="account" if is_remote else "")
     r.flag_repeats("accounts", [account.name for account in accounts], "name", "name")
     if kind == "mock" and not accounts:
         accounts = [AccountConfig(name="mock")]
@@ -230,8 +250,11 @@ def _read_provider(name: str, r: Reader) -> ProviderConfig:
         timeouts=r.scalars("timeouts", Timeouts(), _TIMEOUTS),
         breaker=r.section("breaker", _read_breaker),
         accounts=tuple(accounts),
+        anthropic_beta=r.strings("anthropic_beta", _header_text) or (),
     )
-    return r.fill(provider, _MOCK)
+    if kind == "azure" and "api_version" not in r.data:
+        r.report("api_version", 'is required for type azure ("v1" or a dated version)')
+    return r.fill(provider, {**_MOCK, **_ANTHROPIC, **_AZURE})
 
 
 def _read_account(r: Reader, needs_key: bool) -> AccountConfig:
@@ -262,6 +285,7 @@ def _read_model(
         targets=tuple(r.each("targets", read_target, least="target")),
         fallbacks=r.strings("fallbacks", _other_model(name, models)) or (),
         limits=r.scalars("limits", Limits(), _LIMITS),
+        caps=r.scalars("caps", Caps(), _CAPS),
     )
 
 

@@ -21,10 +21,9 @@ from .call import Call
 from .config import ModelConfig, Timeouts
 from .deadlines import deadline_at
 from .errors import GatewayError
-from .faults import Fault, Verdict, classify
+from .faults import Fault, Verdict
 from .metrics import Metrics
-from .streaming import SseScanner
-from .upstream import Exchange, UpstreamFailure
+from .upstream import Exchange, InBandError, Prepared, Provider, StreamReader, UpstreamFailure
 
 log = logging.getLogger("llm_proxy.forward")
 
@@ -91,8 +90,10 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
     max_attempts = gateway.config.routing.max_attempts
     loop = asyncio.get_running_loop()
     failure: GatewayError | None = None
+    refusal: GatewayError | None = None  # what a candidate's upstream could not express
     breaker_retry_at: float | None = None
     cooling_until: float | None = None
+    prepared: dict[tuple[str, str], Prepared] = {}
     for model in gateway.routes[call.model.name]:
         first_on_model = True
         while call.attempts < max_attempts:
@@ -106,6 +107,14 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
                 if choice.cooling_until is not None:
                     cooling_until = min(cooling_until or choice.cooling_until, choice.cooling_until)
                 break
+            assert choice.target is not None
+            provider = gateway.providers[choice.target.provider]
+            try:
+                outgoing = _prepare(call, provider, choice.target.model, prepared)
+            except GatewayError as exc:
+                refusal = refusal or exc
+                call.tried.append(choice.account)  # another provider type may express it
+                continue
             if not await admit_account(call, choice.account.id):
                 call.tried.append(choice.account)  # its own limit is spent: another account serves
                 continue
@@ -118,15 +127,28 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
             if gateway.metrics is not None:
                 _count_retry_and_fallback(gateway.metrics, call, model, first_on_model)
             first_on_model = False
-            result = await _attempt(call, request, choice)
+            result = await _attempt(call, request, choice, provider, outgoing)
             if not isinstance(result, GatewayError):
                 return result
             failure = result
     if failure is not None:
         raise failure
+    if refusal is not None:
+        raise refusal
     if breaker_retry_at is not None:
         raise errors.circuit_open(breaker_retry_at - loop.time())
     raise errors.no_account_available(max(1.0, (cooling_until or 0.0) - loop.time()))
+
+
+def _prepare(
+    call: Call, provider: Provider, upstream_model: str, prepared: dict[tuple[str, str], Prepared]
+) -> Prepared:
+    """The request as `provider` sends it for `upstream_model`, built once per request."""
+    key = (provider.config.name, upstream_model)
+    outgoing = prepared.get(key)
+    if outgoing is None:
+        outgoing = prepared[key] = provider.prepare(call, upstream_model)
+    return outgoing
 
 
 def _count_retry_and_fallback(metrics: Metrics, call: Call, model: ModelConfig, first_on_model: bool) -> None:
@@ -137,7 +159,9 @@ def _count_retry_and_fallback(metrics: Metrics, call: Call, model: ModelConfig, 
         metrics.fallbacks((call.model.name, model.name)).inc()
 
 
-async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.StreamResponse | GatewayError:
+async def _attempt(
+    call: Call, request: web.Request, choice: Choice, provider: Provider, prepared: Prepared
+) -> web.StreamResponse | GatewayError:
     """One upstream attempt: a committed response, or the error it ended with."""
     gateway = call.gateway
     loop = asyncio.get_running_loop()
@@ -145,8 +169,7 @@ async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.Stre
     call.attempts += 1
     call.tried.append(attempt.account)
     call.provider, call.account = attempt.account.provider.name, attempt.account.config.name
-    provider = gateway.providers[attempt.target.provider]
-    body, data = call.upstream_request(attempt.target.model)
+    call.provider_type = provider.config.type
     clock = Clock(provider.config.timeouts)
     verdict: Verdict | None = None
     result: web.StreamResponse | GatewayError | None = None
@@ -155,15 +178,14 @@ async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.Stre
     try:
         try:
             async with clock.timer:
-                exchange = await provider.send(attempt.account.config, body, data, call.request_id)
+                exchange = await provider.send(attempt.account.config, prepared, call.request_id)
                 if not 200 <= exchange.status < 300:
-                    verdict, result = await _refused(call, exchange, clock)
+                    verdict, result = await _refused(call, provider, exchange, clock)
                     return result
-                assert call.chat is not None
-                if not call.chat.stream:
-                    verdict, result = await _relay_json(call, exchange, clock)
+                if not prepared.stream:
+                    verdict, result = await _relay_json(call, provider, prepared, exchange, clock)
                     return result
-                scanner = SseScanner(strip_usage=not call.chat.usage_requested)
+                scanner = provider.stream(prepared)
                 first = await _first_event(exchange, clock, scanner)
         except TimeoutError:
             verdict, result = TRANSIENT, _failed(call, clock.expired())
@@ -172,6 +194,10 @@ async def _attempt(call: Call, request: web.Request, choice: Choice) -> web.Stre
             error = errors.upstream_unreachable() if exc.kind == "connect" else errors.bad_upstream_response(exc.detail)
             verdict = HOST_FAULT if exc.kind in ("connect", "reset") else TRANSIENT
             result = _failed(call, error, exc.detail)
+            return result
+        except InBandError as exc:  # before commit: fails over like the status it stands for
+            verdict = exc.verdict
+            result = _failed(call, _error_for(verdict, exc.detail, clock.loop.time()), verdict.reason)
             return result
         call.first_byte_at = time.perf_counter()
         try:
@@ -229,27 +255,25 @@ def _failed(call: Call, error: GatewayError, detail: str = "") -> GatewayError:
 
 
 async def _refused(
-    call: Call, exchange: Exchange, clock: Clock
+    call: Call, provider: Provider, exchange: Exchange, clock: Clock
 ) -> tuple[Verdict, web.StreamResponse | GatewayError]:
     """A non-2xx answer: relayed when it is the caller's fault, else this attempt's error."""
     body = await _read_all(exchange, clock, MAX_ERROR_BODY)
-    verdict = classify(
-        exchange.status, exchange.headers, body, clock.loop.time(), wall_now=time.time()
-    )
+    now = clock.loop.time()
+    verdict = provider.classify(exchange.status, exchange.headers, body, now, wall_now=time.time())
     if verdict.fault is Fault.CALLER:
-        content_type = exchange.headers.get("Content-Type", "application/json")
-        response = web.Response(
-            status=exchange.status,
-            body=body,
-            headers=call.response_headers({"Content-Type": content_type}),
-        )
+        relayed, headers = provider.relay(exchange.status, exchange.headers, body)
+        response = web.Response(status=exchange.status, body=relayed, headers=call.response_headers(headers))
         return verdict, response
-    if verdict.fault is Fault.TRANSIENT:
-        error = errors.bad_upstream_response(f"upstream status {exchange.status}")
-    else:
-        retry_after = max(1.0, (verdict.until or 0) - clock.loop.time())
-        error = errors.no_account_available(retry_after)
+    error = _error_for(verdict, f"upstream status {exchange.status}", now)
     return verdict, _failed(call, error, verdict.reason)
+
+
+def _error_for(verdict: Verdict, detail: str, now: float) -> GatewayError:
+    """The answer to an attempt that failed with `verdict` (not a caller fault)."""
+    if verdict.fault is Fault.TRANSIENT:
+        return errors.bad_upstream_response(detail)
+    return errors.no_account_available(max(1.0, (verdict.until or 0) - now))
 
 
 async def _read_all(exchange: Exchange, clock: Clock, limit: int | None = None) -> bytes:
@@ -265,17 +289,15 @@ async def _read_all(exchange: Exchange, clock: Clock, limit: int | None = None) 
 
 
 async def _relay_json(
-    call: Call, exchange: Exchange, clock: Clock
+    call: Call, provider: Provider, prepared: Prepared, exchange: Exchange, clock: Clock
 ) -> tuple[Verdict, web.StreamResponse | GatewayError]:
-    body = await _read_all(exchange, clock)
     try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if type(parsed) is not dict:
-        return TRANSIENT, _failed(call, errors.bad_upstream_response("answer is not a JSON object"))
-    call.record_usage(parsed.get("usage"))
+        answer = provider.answer(await _read_all(exchange, clock), prepared)
+    except ValueError as exc:
+        return TRANSIENT, _failed(call, errors.bad_upstream_response(str(exc)))
+    call.record_usage(answer.usage)
     call.first_byte_at = time.perf_counter()
+    body = answer.body
     assert call.chat is not None
     if call.chat.request_id is not None:
         body = _with_request_id(body, call.chat.request_id)
@@ -291,7 +313,7 @@ def _with_request_id(body: bytes, request_id: str) -> bytes:
     return body[:brace] + member + (b"" if empty else b",") + body[brace:]
 
 
-async def _first_event(exchange: Exchange, clock: Clock, scanner: SseScanner) -> bytes:
+async def _first_event(exchange: Exchange, clock: Clock, scanner: StreamReader) -> bytes:
     """Reads until the first whole event: the point where the client's response commits."""
     while True:
         chunk = await exchange.read()
@@ -317,16 +339,19 @@ async def _pump(
     response: web.StreamResponse,
     exchange: Exchange,
     clock: Clock,
-    scanner: SseScanner,
+    scanner: StreamReader,
     first: bytes,
 ) -> Verdict:
     """Relays a committed stream to its end; a failure becomes one terminal error event, and a
     client that stops taking bytes is dropped."""
     error: GatewayError | None = None
+    verdict = TRANSIENT  # when an error ends it
     try:
         await _relay_chunks(response, exchange, clock, scanner, first)
         if not scanner.done:
             error = errors.bad_upstream_response("stream ended before it was complete")
+    except InBandError as exc:
+        error, verdict = errors.bad_upstream_response(exc.detail), exc.verdict
     except TimeoutError:
         if clock.client_since is not None:
             return _drop_client(call, request, clock)
@@ -342,17 +367,17 @@ async def _pump(
         raise
     finally:
         call.record_usage(scanner.usage)
-    verdict = SUCCESS
-    if error is not None:
+    if error is None:
+        verdict = SUCCESS
+    else:
         call.error_type = error.code
         _failed(call, error)
-        verdict = TRANSIENT
     await _end_with(call, request, response, clock, error)
     return verdict
 
 
 async def _relay_chunks(
-    response: web.StreamResponse, exchange: Exchange, clock: Clock, scanner: SseScanner, first: bytes
+    response: web.StreamResponse, exchange: Exchange, clock: Clock, scanner: StreamReader, first: bytes
 ) -> None:
     """`first`, then every chunk to the end of the stream, under one deadline for them all.
 

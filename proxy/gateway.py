@@ -11,13 +11,13 @@ import logging
 import random
 
 from .accounts import Accounts
-from .admission import BucketTables
+from .buckets import BucketTables
 from .config import Config, KeyConfig, ModelConfig, ProviderConfig
 from .metrics import Metrics
-from .providers.mock import MockProvider
+from . import providers
 from .ratelimit import Limiter
 from .retrybudget import RetryBudget
-from .upstream import OpenAIProvider, Provider
+from .upstream import Provider
 
 log = logging.getLogger("llm_proxy.gateway")
 
@@ -61,7 +61,7 @@ class Gateway:
         )
         old = previous.providers if previous is not None else {}
         self.providers: dict[str, Provider] = {
-            name: old[name] if name in old and old[name].config == provider else _build(provider)
+            name: old[name] if name in old and old[name].config == provider else providers.build(provider, metrics)
             for name, provider in config.providers.items()
         }
 
@@ -98,8 +98,3 @@ class Gateway:
         for provider in self.providers.values():
             await provider.close()
 
-
-def _build(config: ProviderConfig) -> Provider:
-    if config.type == "mock":
-        return MockProvider(config)
-    return OpenAIProvider(config)

@@ -73,10 +73,30 @@ class Metrics:
             "llm_proxy_fallbacks_total", "Requests served by trying a fallback model.",
             ("model", "fallback"), registry=registry,
         ))
+        self._add_conversion_counters(registry)
         for scope, dimensions in REJECTION_SERIES:
             for dimension in dimensions:  # present at 0 from the start, so rate() has data
                 self.rejections((scope, dimension))
         self._add_state_gauges(registry)
+
+    def _add_conversion_counters(self, registry: CollectorRegistry) -> None:
+        """What converting to a provider's protocol dropped, repaired or did not know (SPEC §9)."""
+        self.conversion_dropped = _cached(Counter(
+            "llm_proxy_conversion_dropped_params", "Request fields the upstream's protocol lacks, not sent.",
+            ("provider", "param"), registry=registry,
+        ))
+        self.conversion_repairs = _cached(Counter(
+            "llm_proxy_conversion_repairs", "Request parts repaired so the upstream accepts them.",
+            ("provider", "kind"), registry=registry,
+        ))
+        self.conversion_unknown = _cached(Counter(
+            "llm_proxy_conversion_unknown_values", "Answer values with no OpenAI form, mapped to a default.",
+            ("provider", "field"), registry=registry,
+        ))
+        self.conversion_dropped_blocks = _cached(Counter(
+            "llm_proxy_conversion_dropped_blocks", "Answer content blocks with no OpenAI form, left out.",
+            ("provider", "type"), registry=registry,
+        ))
 
     def _add_state_gauges(self, registry: CollectorRegistry) -> None:
         """Gauges set from the live state by `refresh_state`, not per request."""

@@ -1,19 +1,61 @@
-"""Talking to an OpenAI-compatible upstream: one connection pool per provider, one exchange per attempt.
+"""The seam between the request path and the provider types: what `forward` asks of a provider.
 
-Deadlines are the caller's (forward sets them around every read); this module only sends and
-reads bytes, through `http1`, whose errors (`UpstreamFailure`) are the only ones it raises.
+Each type (`proxy/providers/…`: openai, azure, gemini, anthropic, mock) builds the upstream request
+from an OpenAI chat request, sends it, classifies a refusal, reads an answer and converts a stream
+into OpenAI's shapes; `forward` never asks which type it talks to. This module holds only the
+interface and its value types; it imports nothing of the request path.
 """
 
 from __future__ import annotations
 
-import asyncio
+from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
-from .config import AccountConfig, ProviderConfig
-from .http1 import Pool
+from .config import AccountConfig, ModelConfig, ProviderConfig
+from .faults import Verdict
 from .httpmessage import UpstreamFailure
+from .validation import ChatRequest
 
-__all__ = ["Exchange", "OpenAIProvider", "Provider", "UpstreamFailure"]
+__all__ = [
+    "Answer", "Exchange", "InBandError", "Outbound", "Prepared", "Provider", "StreamReader",
+    "UpstreamFailure",
+]
+
+
+class Outbound(Protocol):
+    """What a provider reads of the request it serves (the pipeline's `Call`)."""
+
+    @property
+    def chat(self) -> ChatRequest | None: ...
+
+    @property
+    def model(self) -> ModelConfig | None: ...
+
+    @property
+    def request_id(self) -> str: ...
+
+    def upstream_request(self, upstream_model: str) -> tuple[bytes, dict[str, Any]]:
+        """The client's bytes for `upstream_model`, changed only where they must be."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One request as a provider will send it; reused by every attempt on that provider."""
+
+    body: bytes
+    data: dict[str, Any] | None = None  # the OpenAI request `body` says, when it is one
+    stream: bool = False
+    include_usage: bool = False  # the client asked for the usage chunk
+    json_mode: bool = False  # response_format emulated by a forced tool (anthropic)
+    path: bytes = b""  # the request target, when it differs per request (azure deployments)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A JSON answer in OpenAI's shape for the client, and its usage for settlement."""
+
+    body: bytes
+    usage: Any
 
 
 class Exchange(Protocol):
@@ -36,66 +78,55 @@ class Exchange(Protocol):
         """Stops reading; an unfinished upstream request is aborted."""
 
 
+class StreamReader(Protocol):
+    """An upstream stream turned into the client's OpenAI SSE bytes as they come.
+
+    `feed` returns what may be sent now (b"" while nothing is visible to the client: the
+    response commits at the first bytes it returns); it raises `UpstreamFailure` on a broken
+    stream and `InBandError` when the upstream reports an error inside it.
+    """
+
+    @property
+    def done(self) -> bool:
+        """Whether the stream ended as it should (the client has its end marker)."""
+
+    @property
+    def usage(self) -> Any: ...
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+
+class InBandError(Exception):
+    """An error the upstream reported inside a 200 stream, classified like a status would be."""
+
+    def __init__(self, verdict: Verdict, detail: str) -> None:
+        super().__init__(detail)
+        self.verdict = verdict
+        self.detail = detail
+
+
 class Provider(Protocol):
     config: ProviderConfig
 
-    async def send(
-        self, account: AccountConfig, body: bytes, data: dict[str, Any], request_id: str
-    ) -> Exchange: ...
+    def prepare(self, call: Outbound, upstream_model: str) -> Prepared:
+        """The request for this provider; raises GatewayError (400 `unsupported_field`) for what
+        its upstream cannot express."""
+
+    async def send(self, account: AccountConfig, prepared: Prepared, request_id: str) -> Exchange: ...
+
+    def classify(
+        self, status: int, headers: Mapping[str, str], body: bytes, now: float, *, wall_now: float
+    ) -> Verdict:
+        """The fault class of a non-2xx answer (SPEC §5)."""
+
+    def relay(self, status: int, headers: Mapping[str, str], body: bytes) -> tuple[bytes, dict[str, str]]:
+        """A caller-fault answer as the client gets it: its body and headers."""
+
+    def answer(self, body: bytes, prepared: Prepared) -> Answer:
+        """A 2xx JSON answer for the client; raises ValueError when it is not a usable one."""
+
+    def stream(self, prepared: Prepared) -> StreamReader: ...
 
     async def probe(self, account: AccountConfig) -> bool: ...
 
     async def close(self) -> None: ...
-
-
-class OpenAIProvider:
-    """Any OpenAI-compatible API at the provider's `base_url`."""
-
-    def __init__(self, config: ProviderConfig) -> None:
-        self.config = config
-        self._pool = Pool(config.base_url, connect_timeout_s=config.timeouts.connect_s)
-        self._chat = self._pool.target("/chat/completions")
-        self._models = self._pool.target("/models")
-        # whole header lines per account, built once; the request id is added per request
-        self._headers = {
-            account.name: (
-                b"Authorization: Bearer %s\r\n"
-                b"Content-Type: application/json\r\n"
-                b"Accept: application/json, text/event-stream\r\n"
-                b"User-Agent: llm-proxy\r\n" % _header_value(account.api_key)
-            )
-            for account in config.accounts
-        }
-
-    async def send(
-        self, account: AccountConfig, body: bytes, data: dict[str, Any], request_id: str
-    ) -> Exchange:
-        # request ids are printable by construction (checked where they enter, or generated)
-        headers = self._headers[account.name] + b"X-Request-Id: " + request_id.encode() + b"\r\n"
-        return await self._pool.request(b"POST", self._chat, headers, body)
-
-    async def probe(self, account: AccountConfig) -> bool:
-        """GET {base_url}/models with the account's key: whether it answers 2xx."""
-        headers = self._headers[account.name].partition(b"\r\n")[0] + b"\r\n"  # Authorization only
-        try:
-            async with asyncio.timeout(self.config.timeouts.first_byte_s):
-                response = await self._pool.request(b"GET", self._models, headers)
-                try:
-                    while await response.read():
-                        pass
-                finally:
-                    response.close()
-                return 200 <= response.status < 300
-        except (UpstreamFailure, TimeoutError):
-            return False
-
-    async def close(self) -> None:
-        await self._pool.close()
-
-
-def _header_value(value: str) -> bytes:
-    """`value` as header bytes; a line break in it would start a header of its own."""
-    encoded = value.encode()
-    if b"\r" in encoded or b"\n" in encoded or b"\0" in encoded:
-        raise ValueError("line break in a header value")
-    return encoded

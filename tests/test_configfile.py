@@ -84,6 +84,7 @@ def test_base_config_is_valid_and_the_defaults_hold() -> None:
     assert config.server == ServerConfig()
     assert (config.server.host, config.server.port, config.server.workers) == ("0.0.0.0", 8080, 1)
     assert config.server.max_body_bytes == 8 * 1024 * 1024
+    assert (config.server.header_timeout_s, config.server.keepalive_s) == (10.0, 75.0)
     assert (config.redis.url, config.redis.timeout_ms, config.redis.on_error) == (
         "",
         100,
@@ -150,6 +151,7 @@ def test_values_are_converted_and_kept_in_file_order() -> None:
         ({"routing": {"retry_budget": 0, "retry_min_per_s": 0}}, "no retries"),
         ({"providers.mock.accounts": [{"name": "m1"}]}, "mock account without key"),
         ({"server.admin_key": None}, "empty admin key"),
+        ({"server.header_timeout_s": 0.5, "server.keepalive_s": 600}, "connection timeouts"),
     ],
 )
 def test_edge_values_are_accepted(changes: dict[str, object], valid: str) -> None:
@@ -264,6 +266,10 @@ REJECTED = [
     ({"server.max_body_bytes": 0}, "server.max_body_bytes: must be > 0"),
     ({"server.drain_delay_s": -1}, "server.drain_delay_s: must be >= 0"),
     ({"server.shutdown_grace_s": -0.5}, "server.shutdown_grace_s: must be >= 0"),
+    ({"server.header_timeout_s": 0}, "server.header_timeout_s: must be > 0"),
+    ({"server.header_timeout_s": "10s"}, "server.header_timeout_s: must be a number"),
+    ({"server.keepalive_s": -1}, "server.keepalive_s: must be > 0"),
+    ({"server.keepalive_s": 0}, "server.keepalive_s: must be > 0"),
     # redis
     ({"redis.timeout_ms": 0}, "redis.timeout_ms: must be > 0"),
     ({"redis.on_error": "ignore"}, "redis.on_error: must be one of fail_open, fail_closed"),
@@ -308,7 +314,24 @@ REJECTED = [
     ({"keys[0].budget_tokens": 0}, "keys[0].budget_tokens: must be > 0"),
     # providers
     ({"providers.openai.type": DELETE}, "providers.openai.type: is required"),
-    ({"providers.openai.type": "anthropic"}, "providers.openai.type: must be one of openai, mock"),
+    (
+        {"providers.openai.type": "vertex"},
+        "providers.openai.type: must be one of openai, anthropic, azure, gemini, mock",
+    ),
+    ({"providers.openai.imitate": "anthropic"}, "providers.openai.imitate: only allowed for type mock"),
+    (
+        {"providers.openai.anthropic_version": "2023-06-01"},
+        "providers.openai.anthropic_version: only allowed for type anthropic",
+    ),
+    ({"providers.openai.api_version": "v1"}, "providers.openai.api_version: only allowed for type azure"),
+    (
+        {"providers.openai.type": "azure"},
+        'providers.openai.api_version: is required for type azure ("v1" or a dated version)',
+    ),
+    ({"models.gpt-4o.caps.thinking": "always"}, "models.gpt-4o.caps.thinking: must be one of budget, adaptive, none"),
+    ({"models.gpt-4o.caps.max_output_tokens": 0}, "models.gpt-4o.caps.max_output_tokens: must be > 0"),
+    ({"models.gpt-4o.caps.prefill": "no"}, "models.gpt-4o.caps.prefill: must be true or false"),
+    ({"models.gpt-4o.caps.temperature": 1}, "models.gpt-4o.caps.temperature: unknown key"),
     ({"providers.openai.base_url": DELETE}, "providers.openai.base_url: is required"),
     (
         {"providers.openai.base_url": "ftp://api.example.com"},

@@ -184,7 +184,7 @@ async def wait_settled(app: Any, redis_url: str, within_s: float = 15.0) -> None
     finally:
         await raw.aclose()
     for name, provider in state.gateway.providers.items():
-        pool = provider._pool
+        pool = provider.transport.pool
         assert pool.connections == pool.idle, (name, pool.connections, pool.idle)
 
 
