@@ -12,7 +12,7 @@ import random
 
 from .accounts import Accounts
 from .buckets import BucketTables
-from .config import Config, KeyConfig, ModelConfig, ProviderConfig
+from .config import Config, KeyConfig, ModelConfig
 from .metrics import Metrics
 from . import providers
 from .ratelimit import Limiter
