@@ -14,6 +14,7 @@ fields, no unknown top-level field) and records the exact bytes and headers of e
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class Reply:
     error_after: int | None = None  # stream: `event: error` after this many events
     error: tuple[str, str] = ("overloaded_error", "Overloaded")
     cut_after: int | None = None  # stream: the connection ends after this many events
+    # stream: the error (or the cut) waits for this, e.g. until the client has seen content
+    hold: asyncio.Event | None = None
     full_delta_usage: bool = False  # message_delta repeats the input and cache counters
 
 
@@ -216,6 +219,8 @@ class FakeAnthropic:
         response = web.StreamResponse(headers=self._headers(reply.headers, "text/event-stream; charset=utf-8"))
         await response.prepare(request)
         for n, event in enumerate(stream_events(reply, message)):
+            if reply.hold is not None and n in (reply.error_after, reply.cut_after):
+                await reply.hold.wait()
             if n == reply.error_after:
                 error_type, error_message = reply.error
                 event = {"type": "error", "error": {"type": error_type, "message": error_message}}
