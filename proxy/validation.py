@@ -1,6 +1,7 @@
 """Parse a chat completion request body once and check what SPEC §4 names.
 
-Reads only the fields the gateway acts on; every other field passes through untouched.
+Reads only the fields the gateway acts on; every other field passes through untouched. An
+optional field that is `null` counts as absent (SPEC §3), so every check skips a null value.
 Does no I/O and knows nothing of keys, models or upstreams.
 """
 
@@ -87,7 +88,7 @@ def _check_model_and_messages(data: dict[str, Any]) -> None:
         if type(message) is not dict:
             raise invalid_value(f"messages[{i}]", "Each message must be an object.")
         role = message.get("role")
-        if role not in ROLES:
+        if type(role) is not str or role not in ROLES:
             raise invalid_value(
                 f"messages[{i}].role",
                 f"`messages[{i}].role` must be one of {', '.join(sorted(ROLES))}.",
@@ -116,13 +117,15 @@ def _check_shapes(data: dict[str, Any]) -> None:
     tools = data.get("tools")
     if tools is not None and (type(tools) is not list or len(tools) > 128):
         raise invalid_value("tools", "`tools` must be an array of at most 128 tools.")
-    if "stream" in data and type(data["stream"]) is not bool:
+    stream = data.get("stream")
+    if stream is not None and type(stream) is not bool:
         raise invalid_value("stream", "`stream` must be a boolean.")
     options = data.get("stream_options")
     if options is not None:
         if type(options) is not dict:
             raise invalid_value("stream_options", "`stream_options` must be an object.")
-        if "include_usage" in options and type(options["include_usage"]) is not bool:
+        include_usage = options.get("include_usage")
+        if include_usage is not None and type(include_usage) is not bool:
             raise invalid_value(
                 "stream_options.include_usage", "`include_usage` must be a boolean."
             )

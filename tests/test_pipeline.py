@@ -174,3 +174,29 @@ async def test_admin_state_needs_the_admin_key(http: Any, start_gateway: Any, up
         assert response.status == 200
         accounts = (await response.json())["accounts"]
     assert [a["account"] for a in accounts] == ["acct0"]
+
+
+@pytest.mark.parametrize("role", [{"name": "user"}, ["user"], 7, None, True])
+async def test_a_role_that_is_not_a_string_is_400(http: Any, gateway: Gateway, role: Any) -> None:
+    body = orjson.dumps({"model": "gpt-test", "messages": [{"role": role, "content": "x"}]})
+    got, _, answer = await post(http, gateway, body)
+    assert got == 400
+    assert_error(answer, "invalid_value", "messages[0].role")
+
+
+OPTIONAL_FIELDS = (
+    "stream", "stream_options", "temperature", "top_p", "n", "presence_penalty", "frequency_penalty",
+    "top_logprobs", "max_tokens", "max_completion_tokens", "stop", "tools", "request_id", "user",
+)
+
+
+@pytest.mark.parametrize("field", OPTIONAL_FIELDS)
+async def test_null_is_absent_for_every_optional_field(http: Any, gateway: Gateway, field: str) -> None:
+    got, _, answer = await post(http, gateway, orjson.dumps({**GOOD, field: None}))
+    assert got == 200, answer
+
+
+async def test_null_include_usage_is_absent(http: Any, gateway: Gateway) -> None:
+    got, _, answer = await post(http, gateway, orjson.dumps({**GOOD, "stream_options": {"include_usage": None}}))
+    assert got == 200, answer
+
