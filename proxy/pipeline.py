@@ -31,6 +31,9 @@ log = logging.getLogger("llm_proxy.pipeline")
 _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count()
 
+# Refusals made before any upstream attempt that another replica, or a moment, can turn around.
+RETRY_CAN_HELP = frozenset({"draining", "circuit_open", "ratelimit_unavailable"})
+
 
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
@@ -107,9 +110,24 @@ def render_error(call: Call, error: GatewayError) -> web.Response:
     call.status = error.status
     call.error_type = error.code
     headers = call.response_headers(error.headers())
+    advice = retry_advice(call, error)
+    if advice is not None:
+        headers["x-should-retry"] = advice
     return web.Response(
         status=error.status, body=error.body(), content_type="application/json", headers=headers
     )
+
+
+def retry_advice(call: Call, error: GatewayError) -> str | None:
+    """`x-should-retry`, which the official SDKs obey over their own rules (retry 408, 409, 429
+    and 5xx, twice by default): "false" once an upstream attempt was made, since the gateway has
+    already failed over and a client's retry would multiply `max_attempts` and bypass the retry
+    budget; "true" where retrying can help though nothing was tried; else the client decides."""
+    if call.attempts:
+        return "false"
+    if error.code in RETRY_CAN_HELP:
+        return "true"
+    return None
 
 
 def settle(call: Call, response: web.StreamResponse | None, state: ServerState) -> None:

@@ -200,3 +200,76 @@ async def test_null_include_usage_is_absent(http: Any, gateway: Gateway) -> None
     got, _, answer = await post(http, gateway, orjson.dumps({**GOOD, "stream_options": {"include_usage": None}}))
     assert got == 200, answer
 
+
+async def test_an_answer_that_already_failed_over_tells_sdks_not_to_retry(
+    start_gateway: Any, make_upstream: Any
+) -> None:
+    import openai
+
+    from .conftest import completion_handler
+
+    upstreams = [await make_upstream() for _ in range(2)]
+    for upstream in upstreams:
+        upstream.handler = completion_handler(status=500)
+    gateway = await start_gateway(make_config([u.url for u in upstreams], max_attempts=2))
+    client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, timeout=20)
+    assert client.max_retries == 2, "the SDK's default: it would send the request three times"
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        await client.close()
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert sum(len(u.requests) for u in upstreams) == 2, "max_attempts upstream attempts, not 3x"
+
+
+async def test_draining_tells_sdks_to_retry(http: Any, gateway: Gateway, upstream: Upstream) -> None:
+    from proxy.state import STATE
+
+    gateway.server.app[STATE].draining = True
+    got, headers, answer = await post(http, gateway, orjson.dumps(GOOD))
+    assert got == 503
+    assert_error(answer, "draining")
+    assert headers["x-should-retry"] == "true"
+
+
+async def test_a_refused_request_says_nothing_about_retrying(http: Any, gateway: Gateway) -> None:
+    got, headers, _ = await post(http, gateway, b"{not json")
+    assert got == 400 and "x-should-retry" not in headers
+
+
+@pytest.mark.parametrize(
+    ("error", "attempts", "advice"),
+    [
+        ("circuit_open", 0, "true"),
+        ("ratelimit_unavailable", 0, "true"),
+        ("draining", 0, "true"),
+        ("no_account_available", 0, None),
+        ("circuit_open", 1, "false"),
+        ("no_account_available", 2, "false"),
+        ("upstream_unreachable", 1, "false"),
+        ("upstream_timeout", 3, "false"),
+    ],
+)
+async def test_retry_advice_follows_the_attempts_made(
+    gateway: Gateway, error: str, attempts: int, advice: str | None
+) -> None:
+    from proxy import errors
+    from proxy.call import Call
+    from proxy.pipeline import render_error
+    from proxy.state import STATE
+
+    made = {
+        "circuit_open": lambda: errors.circuit_open(2.0),
+        "ratelimit_unavailable": errors.ratelimit_unavailable,
+        "draining": errors.draining,
+        "no_account_available": errors.no_account_available,
+        "upstream_unreachable": errors.upstream_unreachable,
+        "upstream_timeout": lambda: errors.upstream_timeout("slow"),
+    }[error]()
+    call = Call(gateway=gateway.server.app[STATE].gateway, request_id="r-1", started=0.0)
+    call.attempts = attempts
+    response = render_error(call, made)
+    assert response.headers.get("x-should-retry") == advice
+
