@@ -17,21 +17,23 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from . import errors
+from . import edge, errors
 from .accesslog import AccessLog
-from .config import Config
+from .config import Config, ModelConfig
+from .edge import EDGE, Edge
 from .errors import GatewayError
 from .gateway import Gateway
 from .metrics import Metrics
 from .ratelimit import Limiter, LocalLimiter
 from .redislimits import RedisLimiter
 from .call import Call
-from .pipeline import authenticate, bearer_token, handle_chat, render_error, request_id_of
+from .pipeline import authenticate, bearer_token, handle_chat, render_error, request_id_of, utf8_or_empty
 from .state import STATE, ServerState
 
 log = logging.getLogger("llm_proxy.app")
 
-CHAT_PATHS = ("/v1/chat/completions", "/api/v1/chat/completions", "/api/client/v1/chat/completions")
+# Every API route is served under each of these prefixes (SPEC §3).
+API_PREFIXES = ("", "/api", "/api/client")
 STARTED = int(time.time())
 
 
@@ -44,8 +46,13 @@ def build_app(
     workers: int = 1,
 ) -> web.Application:
     """The gateway as an aiohttp app; ready once its start-up has run."""
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        # every connection's settings, whichever runner serves the app (the tests' is aiohttp's)
+        handler_args={"keepalive_timeout": config.server.keepalive_s, "logger": edge.log},
+    )
     metrics = Metrics(registry or CollectorRegistry()) if config.logging.metrics else None
+    app[EDGE] = Edge.for_server(config.server, metrics.registry if metrics is not None else None)
     app.cleanup_ctx.append(
         partial(
             _lifetime,
@@ -56,14 +63,21 @@ def build_app(
             workers=workers,
         )
     )
-    for path in CHAT_PATHS:
-        app.router.add_post(path, handle_chat)
-    app.router.add_get("/v1/models", _models)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/admin/state", _admin_state)
-    app.router.add_get("/metrics", _metrics)
+    _add_routes(app.router)
     return app
+
+
+def _add_routes(router: web.UrlDispatcher) -> None:
+    for prefix in API_PREFIXES:
+        router.add_post(f"{prefix}/v1/chat/completions", handle_chat)
+        router.add_get(f"{prefix}/v1/models", _models)
+        router.add_get(f"{prefix}/v1/models/{{model:.+}}", _model)
+    router.add_get("/healthz", _healthz)
+    router.add_get("/readyz", _readyz)
+    router.add_get("/admin/state", _admin_state)
+    router.add_get("/metrics", _metrics)
+    # Last: only what no route above serves reaches it, so matched requests pay nothing for it.
+    router.add_route("*", "/{path:.*}", _unmatched)
 
 
 async def _lifetime(
@@ -123,24 +137,59 @@ async def _models(request: web.Request) -> web.Response:
     except GatewayError as exc:
         return render_error(call, exc)
     assert call.key is not None
-    data = [
-        {
-            "id": model.name,
-            "object": "model",
-            "created": STARTED,
-            "owned_by": model.targets[0].provider if model.targets else "llm-proxy",
-        }
-        for model in state.gateway.models_for(call.key)
-    ]
+    data = [_model_object(model) for model in state.gateway.models_for(call.key)]
     return _json(request, {"object": "list", "data": data})
+
+
+async def _model(request: web.Request) -> web.Response:
+    """One model the key may use; any other name is not found, so keys learn no other names."""
+    state = request.app[STATE]
+    call = Call(gateway=state.gateway, request_id=request_id_of(request), started=0.0)
+    name = request.match_info["model"]
+    try:
+        authenticate(call, request)
+        assert call.key is not None
+        model = state.gateway.models.get(name)
+        if model is None or (call.key.models is not None and name not in call.key.models):
+            raise errors.model_not_found(name)
+    except GatewayError as exc:
+        return render_error(call, exc)
+    return _json(request, _model_object(model))
+
+
+def _model_object(model: ModelConfig) -> dict[str, object]:
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": STARTED,
+        "owned_by": model.targets[0].provider if model.targets else "llm-proxy",
+    }
+
+
+async def _unmatched(request: web.Request) -> web.Response:
+    """404 `unknown_route`, or 405 `method_not_allowed` with `Allow` when the path has routes."""
+    catch_all = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not catch_all:
+            allowed |= (await resource.resolve(request))[1]
+    call = Call(gateway=request.app[STATE].gateway, request_id=request_id_of(request), started=0.0)
+    if not allowed:
+        return render_error(call, errors.unknown_route(request.method, request.path))
+    response = render_error(call, errors.method_not_allowed(request.method, request.path))
+    response.headers["Allow"] = ", ".join(sorted(allowed))
+    return response
 
 
 async def _metrics(request: web.Request) -> web.Response:
     gateway = request.app[STATE].gateway
+    request_id = request_id_of(request)
     if gateway.metrics is None:
-        return web.Response(status=404, text="metrics are disabled (logging.metrics: false)\n")
+        call = Call(gateway=gateway, request_id=request_id, started=0.0)
+        return render_error(call, errors.unknown_route(request.method, "/metrics (logging.metrics: false)"))
     gateway.refresh_metrics(asyncio.get_running_loop().time())
-    return web.Response(body=gateway.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    headers = {"Content-Type": CONTENT_TYPE_LATEST, "x-request-id": request_id}
+    return web.Response(body=gateway.metrics.exposition(), headers=headers)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -160,7 +209,8 @@ async def _admin_state(request: web.Request) -> web.Response:
     call = Call(gateway=state.gateway, request_id=request_id_of(request), started=0.0)
     if not admin_key:
         return render_error(call, errors.admin_disabled())
-    if not hmac.compare_digest(bearer_token(request).encode(), admin_key.encode()):
+    presented = utf8_or_empty(bearer_token(request))
+    if not hmac.compare_digest(presented.encode(), admin_key.encode()):
         return render_error(call, errors.invalid_api_key())
     now = asyncio.get_running_loop().time()
     return _json(request, {"accounts": state.gateway.accounts.snapshot(now)})

@@ -69,6 +69,31 @@ def invalid_value(param: str, message: str) -> GatewayError:
     return invalid("invalid_value", message, param)
 
 
+def malformed_request(detail: str) -> GatewayError:
+    """Not a valid HTTP/1.1 request, or a body that cannot be decoded; `detail` names no bytes."""
+    return invalid("malformed_request", f"The request is malformed: {detail}.")
+
+
+def unknown_route(method: str, path: str) -> GatewayError:
+    return GatewayError(
+        404, "invalid_request_error", "unknown_route", f"Invalid URL ({method} {_quoted(path)})."
+    )
+
+
+def method_not_allowed(method: str, path: str) -> GatewayError:
+    return GatewayError(
+        405,
+        "invalid_request_error",
+        "method_not_allowed",
+        f"{_quoted(path)} does not accept {method}.",
+    )
+
+
+def _quoted(path: str) -> str:
+    """A client's path, short and ASCII: it may hold anything, undecodable bytes included."""
+    return path[:200].encode("ascii", "backslashreplace").decode("ascii")
+
+
 def invalid_api_key() -> GatewayError:
     return GatewayError(
         401, "authentication_error", "invalid_api_key", "Invalid or missing API key."

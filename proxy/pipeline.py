@@ -67,11 +67,27 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
 
 
 def authenticate(call: Call, request: web.Request) -> None:
-    token = bearer_token(request) or request.headers.get("x-api-key", "")
+    token = presented_key(request)
     key = call.gateway.authenticate(token) if token else None
     if key is None:
         raise errors.invalid_api_key()
     call.key = key
+
+
+def presented_key(request: web.Request) -> str:
+    """The key the client sent (Bearer, else `x-api-key`); "" when absent or not UTF-8 text."""
+    return utf8_or_empty(bearer_token(request) or request.headers.get("x-api-key", ""))
+
+
+def utf8_or_empty(text: str) -> str:
+    """aiohttp decodes header bytes that are not UTF-8 with surrogate escapes: no key is that."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return ""
+    return text
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -83,6 +99,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise errors.request_too_large(limit) from None
+    except web.RequestPayloadError:
+        # The client's framing or Content-Encoding is broken: its fault, not the gateway's. Ended
+        # here, the body is not drained again by aiohttp (which would log the error once more).
+        request.content.feed_eof()
+        raise errors.malformed_request("the body cannot be read as its headers describe it") from None
 
 
 def validate(call: Call, request: web.Request) -> None:
@@ -174,14 +195,14 @@ def _record_metrics(call: Call, metrics: Metrics, duration: float, ttft: float |
         metrics.ttft((model, call.provider or "")).observe(ttft)
 
 
-def bearer_token(request: web.Request) -> str:
+def bearer_token(request: web.BaseRequest) -> str:
     header = request.headers.get("Authorization")
     if header is not None and header[:7].lower() == "bearer ":
         return header[7:].strip()
     return ""
 
 
-def request_id_of(request: web.Request) -> str:
+def request_id_of(request: web.BaseRequest) -> str:
     """The client's `X-Request-Id` when it is usable, else a new `req_...`."""
     given = request.headers.get("X-Request-Id")
     if given and len(given) <= 200 and given.isprintable():

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import resource
 import signal
 
 import prometheus_client
@@ -19,8 +20,9 @@ from aiohttp import web
 
 from .accesslog import AccessLog
 from .app import build_app
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ServerConfig
 from .configfile import load_config
+from .edge import GatewayRunner
 from .state import STATE, ServerState
 
 log = logging.getLogger("llm_proxy.server")
@@ -32,6 +34,7 @@ log = logging.getLogger("llm_proxy.server")
 # waits for this many allocations. Measured: about 15 % of the CPU per request, and the p99
 # latency spikes of the full collections.
 GC_GEN0_THRESHOLD = 20_000
+EXIT_CANNOT_LISTEN = 1
 
 
 def serve(config: Config, *, path: str, file_config: Config, workers: int = 1) -> int:
@@ -44,34 +47,62 @@ def serve(config: Config, *, path: str, file_config: Config, workers: int = 1) -
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # halves the series; `_created` helps no dashboard
-    uvloop.run(_serve(config, path=path, file_config=file_config, workers=workers))
+    raise_open_files_limit()
+    try:
+        uvloop.run(_serve(config, path=path, file_config=file_config, workers=workers))
+    except CannotListen as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_LISTEN
     return 0
+
+
+class CannotListen(Exception):
+    """The address could not be bound: one line names it, instead of a traceback."""
 
 
 async def _serve(config: Config, *, path: str, file_config: Config, workers: int) -> None:
     """`workers` > 1: this process is one of that many sharing the port."""
     access_log = AccessLog() if config.logging.access_log else None
     app = build_app(config, access_log=access_log, workers=workers)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(
-        runner, config.server.host, config.server.port, backlog=2048, reuse_port=workers > 1 or None
-    )
-    await site.start()
-    tune_gc()
-    for address in runner.addresses:
-        log.info("listening on %s", address)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, Reloader(app[STATE], path, file_config))
     try:
+        await _listen(runner, config.server, reuse_port=workers > 1)
+        tune_gc()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, Reloader(app[STATE], path, file_config))
         await stop.wait()
         await drain(app[STATE])
     finally:
         await runner.cleanup()
     log.info("stopped")
+
+
+async def _listen(runner: web.AppRunner, server: ServerConfig, *, reuse_port: bool) -> None:
+    site = web.TCPSite(runner, server.host, server.port, backlog=2048, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise CannotListen(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
+    for address in runner.addresses:
+        log.info("listening on %s", address)
+
+
+def raise_open_files_limit() -> None:
+    """Lifts the soft open-files limit to the hard one, as Go's runtime and nginx do: a soft limit
+    of 1024 (systemd's default) would cap the gateway near 500 client connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open-files limit stays at %d (cannot raise it to %d: %s)", soft, hard, exc)
+        return
+    log.info("open-files limit raised from %d to %d", soft, hard)
 
 
 def tune_gc() -> None:

@@ -201,6 +201,32 @@ async def test_null_include_usage_is_absent(http: Any, gateway: Gateway) -> None
     assert got == 200, answer
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "header"),
+    [
+        ("POST", "/v1/chat/completions", b"Authorization: Bearer \xff\xfesk"),
+        ("POST", "/v1/chat/completions", b"x-api-key: sk-\xc3"),
+        ("GET", "/v1/models", b"Authorization: Bearer \xed\xa0\x80"),
+        ("GET", "/v1/models", b"x-api-key: \xff"),
+        ("GET", "/admin/state", b"Authorization: Bearer adm-\xff"),
+    ],
+)
+async def test_credentials_that_are_not_utf8_are_401(start_gateway: Any, method: str, path: str, header: bytes) -> None:
+    from .edgeserver import exchange
+
+    gateway = await start_gateway(make_config(admin_key="adm-1"))
+    body = orjson.dumps(GOOD) if method == "POST" else b""
+    raw = (
+        f"{method} {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: {len(body)}\r\n".encode()
+        + header + b"\r\nConnection: close\r\n\r\n" + body
+    )
+    answer = await exchange(gateway.server.port, raw)
+    assert answer.status == 401
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.headers["x-request-id"].startswith("req_")
+    assert_error(answer.body, "invalid_api_key")
+
+
 async def test_an_answer_that_already_failed_over_tells_sdks_not_to_retry(
     start_gateway: Any, make_upstream: Any
 ) -> None:
@@ -273,3 +299,22 @@ async def test_retry_advice_follows_the_attempts_made(
     response = render_error(call, made)
     assert response.headers.get("x-should-retry") == advice
 
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_is_400(
+    start_gateway: Any, upstream: Upstream, caplog: pytest.LogCaptureFixture, encoding: str
+) -> None:
+    import logging
+
+    from .edgeserver import exchange
+
+    gateway = await start_gateway(make_config([upstream.url]))
+    raw = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Encoding: {encoding}\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    ).encode()
+    answer = await exchange(gateway.server.port, raw)
+    assert answer.status == 400
+    assert_error(answer.body, "malformed_request")
+    assert upstream.requests == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "the client's fault, not an error"

@@ -11,6 +11,7 @@ from ..config import ProviderConfig
 from ..metrics import Metrics
 from ..upstream import Provider
 from .anthropic import AnthropicProvider
+from .azure import AzureProvider
 from .mock import MockTransport, render_anthropic, render_openai
 from .openai import OpenAIProvider
 
@@ -26,6 +27,7 @@ def _mock(config: ProviderConfig, metrics: Metrics | None) -> Provider:
 TYPES: dict[str, Builder] = {
     "openai": lambda config, metrics: OpenAIProvider(config),
     "anthropic": lambda config, metrics: AnthropicProvider(config, metrics=metrics),
+    "azure": lambda config, metrics: AzureProvider(config),
     "mock": _mock,
 }
 
