@@ -4,7 +4,8 @@ The client's bytes go to `{base_url}/deployments/{target}/chat/completions?api-v
 `api_version: v1`, to `{base_url}/v1/chat/completions`, the deployment being the body's `model`)
 with the key in `api-key`. Streams lose the content-filter chunks OpenAI never sends (reference
 §5.4), and only events that may be one are parsed; everything else is the `openai` type's. A 429
-cools by Azure's hints and a 404 fails over (§5.5). Knows nothing of the request path.
+cools by Azure's hints and a 404 fails over (§5.5). `rewrite_events` and `event_json`, the
+event-level edits of a relayed stream, serve the `gemini` type too. Knows nothing of the request path.
 """
 
 from __future__ import annotations
