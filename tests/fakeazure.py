@@ -8,7 +8,8 @@ and `GET /openai/v1/models`; answers carry `prompt_filter_results` and per-choic
 (`"id":""`, `"created":0`) and, with the asynchronous filter, carry chunks whose choice has
 `content_filter_offsets` but no `delta`; errors are Azure's (`"code":"429"` as a string,
 `DeploymentNotFound`, the prompt filter's 400 with `innererror`). Every request is recorded
-with its exact target (path and query), headers and bytes.
+with its exact target (path and query), headers and bytes. `FILTER_CHUNKS` and `KEPT_CHUNKS` are
+single events as Azure streams them, for tests of the stream normaliser without a server.
 
     fake = FakeAzure(deployments={"gpt4o-prod": "gpt-4o-2024-08-06"})
     fake.script(Reply(content="Hi"), ErrorReply.rate_limited(headers={"retry-after": "6"}))
@@ -26,6 +27,8 @@ from aiohttp import web
 
 API_KEY = "azure-key-1"
 API_KEY_2 = "azure-key-2"
+DEPLOYMENT = "gpt4o-prod"
+UNDERLYING = "gpt-4o-2024-08-06"  # the model DEPLOYMENT runs
 API_VERSIONS = frozenset({"2024-06-01", "2024-10-21", "2025-01-01-preview"})
 SAFE = {"filtered": False, "severity": "safe"}
 CONTENT_FILTER = {"hate": SAFE, "self_harm": SAFE, "sexual": SAFE, "violence": SAFE}
@@ -35,6 +38,39 @@ CREATED = 1733000000
 
 def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+# Single events as Azure streams them: the chunks OpenAI never sends, and the ones it does.
+HEAD = {"id": "chatcmpl-AZ1", "object": "chat.completion.chunk", "created": CREATED, "model": UNDERLYING}
+OFFSETS = {"check_offset": 0, "start_offset": 0, "end_offset": 12}
+FILTER_CHUNKS = {
+    "the prompt-filter first event": sse({"id": "", "object": "", "created": 0, "model": "",
+                                          "prompt_filter_results": PROMPT_FILTER, "choices": []}),
+    "empty choices, usage null": sse({**HEAD, "choices": [], "usage": None}),
+    "the asynchronous filter's offsets": sse({**HEAD, "choices": [
+        {"index": 0, "finish_reason": None, "content_filter_results": CONTENT_FILTER, "content_filter_offsets": OFFSETS}]}),
+    "offsets for two choices, CRLF": sse({**HEAD, "choices": [
+        {"index": 0, "content_filter_offsets": OFFSETS}, {"index": 1, "content_filter_offsets": OFFSETS}]}).replace(b"\n\n", b"\r\n\r\n"),
+    "spaced JSON": b'data: {"id": "", "choices": [ ], "usage": null}\n\n',
+}
+KEPT_CHUNKS = {
+    "the role chunk": sse({**HEAD, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}),
+    "content with filter results": sse({**HEAD, "choices": [
+        {"index": 0, "delta": {"content": "Hi"}, "finish_reason": None, "content_filter_results": CONTENT_FILTER}]}),
+    "the finish chunk": sse({**HEAD, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+    "a content_filter finish without delta": sse({**HEAD, "choices": [
+        {"index": 0, "finish_reason": "content_filter", "content_filter_results": CONTENT_FILTER}]}),
+    "the usage chunk": sse({**HEAD, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}),
+    "one choice with a delta": sse({**HEAD, "choices": [
+        {"index": 0, "content_filter_offsets": OFFSETS}, {"index": 1, "delta": {"content": "x"}, "finish_reason": None}]}),
+    "an in-band error": sse({"error": {"code": "server_error", "message": "The server had an error"}}),
+    "[DONE]": b"data: [DONE]\n\n",
+    "a comment": b": keep-alive\n\n",
+}
 
 
 @dataclass
@@ -241,6 +277,20 @@ def stream_events(reply: Reply, model: str, *, usage: bool) -> list[bytes]:
     if usage:
         events.append({"choices": [], **head, "usage": _usage(reply)})
     return [b"data: " + orjson.dumps(event) + b"\n\n" for event in events] + [b"data: [DONE]\n\n"]
+
+
+def client_view(events: list[bytes], *, usage: bool) -> bytes:
+    """What an OpenAI client gets of `events`: no filter chunk, the usage chunk only if it asked."""
+    kept = [e for e in events if not (b'"choices":[]' in e and b'"usage":{' not in e) and b'"content_filter_offsets"' not in e]
+    return b"".join(e for e in kept if usage or b'"choices":[],' not in e)
+
+
+async def start_resource(aiohttp_server: Any, deployments: dict[str, str] | None = None) -> tuple[FakeAzure, str]:
+    """A fake resource on a real port with both keys, and its base_url (`…/openai`); it deploys
+    DEPLOYMENT unless `deployments` says otherwise."""
+    fake = FakeAzure(deployments={DEPLOYMENT: UNDERLYING} if deployments is None else deployments, api_keys=(API_KEY, API_KEY_2))
+    server = await aiohttp_server(fake.app())
+    return fake, str(server.make_url("/openai"))
 
 
 async def _stream(request: web.Request, reply: Reply, model: str, *, usage: bool) -> web.StreamResponse:
