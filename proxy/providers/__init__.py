@@ -12,6 +12,7 @@ from ..metrics import Metrics
 from ..upstream import Provider
 from .anthropic import AnthropicProvider
 from .azure import AzureProvider
+from .gemini import GeminiProvider
 from .mock import MockTransport, render_anthropic, render_openai
 from .openai import OpenAIProvider
 
@@ -28,6 +29,7 @@ TYPES: dict[str, Builder] = {
     "openai": lambda config, metrics: OpenAIProvider(config),
     "anthropic": lambda config, metrics: AnthropicProvider(config, metrics=metrics),
     "azure": lambda config, metrics: AzureProvider(config),
+    "gemini": lambda config, metrics: GeminiProvider(config),
     "mock": _mock,
 }
 
