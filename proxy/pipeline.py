@@ -169,6 +169,7 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
             "key": call.key.name if call.key is not None else None,
             "model": chat.model if chat is not None else None,
             "provider": call.provider,
+            "provider_type": call.provider_type,
             "account": call.account,
             "attempts": call.attempts,
             "status": call.status,

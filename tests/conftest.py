@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import build_app
+from proxy.edge import GatewayRunner
 from proxy.config import (
     AccountConfig,
     Config,
@@ -226,12 +227,21 @@ class Gateway:
         return client
 
 
+class EdgeTestServer(TestServer):
+    """The app served as `llm-proxy serve` serves it: through `proxy.edge.GatewayRunner`."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 @pytest.fixture
-async def start_gateway(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+async def start_gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     started: list[Gateway] = []
 
     async def start(config: Config, **options: Any) -> Gateway:
-        gateway = Gateway(await aiohttp_server(build_app(config, **options)))
+        server = EdgeTestServer(build_app(config, **options))
+        await server.start_server()
+        gateway = Gateway(server)
         started.append(gateway)
         return gateway
 
@@ -239,6 +249,7 @@ async def start_gateway(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awai
     for gateway in started:
         for client in gateway.clients:
             await client.close()
+        await gateway.server.close()
 
 
 @pytest.fixture

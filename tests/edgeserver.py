@@ -1,7 +1,7 @@
 """A gateway on a real port served as `llm-proxy serve` serves it, and raw HTTP/1.1 over sockets.
 
-`start_edge_gateway` runs `build_app` through `proxy.edge.GatewayRunner` (the conftest
-`start_gateway` uses aiohttp's plain runner); `exchange` sends bytes no HTTP client would send.
+`start_edge_gateway` runs `build_app` through `proxy.edge.GatewayRunner` (as conftest's
+`start_gateway` now does too); `exchange` sends bytes no HTTP client would send.
 """
 
 from __future__ import annotations
@@ -11,19 +11,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.app import build_app
 from proxy.config import Config
-from proxy.edge import GatewayRunner
 
-from .conftest import Gateway
-
-
-class EdgeTestServer(TestServer):
-    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return GatewayRunner(self.app, **kwargs)
+from .conftest import EdgeTestServer, Gateway
 
 
 @pytest.fixture
