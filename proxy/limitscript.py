@@ -165,7 +165,13 @@ for _, unit in ipairs(batch[2]) do
   end
 end
 local renewals = batch[3]
-for i = 1, #renewals, 2 do hold(KEYS[renewals[i]], renewals[i + 1]) end
+-- XX: a renewal only extends a lease still held; one settled meanwhile (in this very call,
+-- perhaps) stays released
+for i = 1, #renewals, 2 do
+  if redis.call('ZADD', KEYS[renewals[i]], 'XX', 'CH', lease_expiry, renewals[i + 1]) == 1 then
+    redis.call('PEXPIRE', KEYS[renewals[i]], lease_ttl_ms)
+  end
+end
 local results = {}
 for i, request in ipairs(batch[4]) do results[i] = admit(request) end
 for key, state in pairs(rates) do

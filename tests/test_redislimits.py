@@ -419,3 +419,17 @@ async def test_a_record_that_cannot_be_encoded_is_dropped_not_retried_for_ever(
     calls = limiter.script_calls
     granted(await limiter.admit(Ask([tpm], tokens=1)))
     assert limiter.script_calls == calls + 1 and not limiter.degraded
+
+
+async def test_a_lease_settled_as_its_renewal_is_queued_is_not_brought_back(
+    make_redis: MakeRedis, raw: aioredis.Redis
+) -> None:
+    """A renewal queued for a grant that then settles rides in the same script call as the
+    settlement: it must not add the released lease back for another lease lifetime."""
+    limiter = await make_redis()
+    conc = Bucket("key", "a", "concurrency", 2)
+    grant = granted(await limiter.admit(Ask([conc], tokens=1)))
+    await limiter._renew()  # the periodic renewal, due right now
+    limiter.settle(grant, 0)
+    await limiter.flush()
+    assert await raw.zcard(f"{HASH_TAG}:lease:{conc.id}") == 0
