@@ -99,6 +99,8 @@ class ProviderConfig:
     anthropic_version: str = "2023-06-01"  # anthropic only
     anthropic_beta: tuple[str, ...] = ()  # anthropic only: sent on every request
     api_version: str = ""  # azure only: "v1" or a dated api-version
+    # azure only: whether the api-version takes `stream_options` (None: v1 and 2024-10-21 on do)
+    supports_stream_usage: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,7 +136,7 @@ _MOCK: Spec = {
     "imitate": (str, one_of("openai", "anthropic")),
 }
 _ANTHROPIC: Spec = {"anthropic_version": (str, _header_text)}
-_AZURE: Spec = {"api_version": (str, _header_text)}
+_AZURE: Spec = {"api_version": (str, _header_text), "supports_stream_usage": (bool, None)}
 # Options that only one type reads, by type: a key of another type's is a mistake worth naming.
 _TYPE_OPTIONS: dict[str, Spec] = {"mock": _MOCK, "anthropic": {**_ANTHROPIC, "anthropic_beta": (str, None)}, "azure": _AZURE}
 _PROVIDER_TYPES = ("openai", "anthropic", "azure", "gemini", "mock")

@@ -65,6 +65,11 @@ def invalid(code: str, message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, "invalid_request_error", code, message, param=param)
 
 
+def unsupported_field(param: str, message: str) -> GatewayError:
+    """A field the gateway, or the upstream it would go to, cannot express (SPEC §4, §9)."""
+    return invalid("unsupported_field", message, param)
+
+
 def invalid_value(param: str, message: str) -> GatewayError:
     return invalid("invalid_value", message, param)
 

@@ -34,8 +34,9 @@ class Outbound(Protocol):
     @property
     def request_id(self) -> str: ...
 
-    def upstream_request(self, upstream_model: str) -> tuple[bytes, dict[str, Any]]:
-        """The client's bytes for `upstream_model`, changed only where they must be."""
+    def upstream_request(self, upstream_model: str, *, ask_usage: bool = True) -> tuple[bytes, dict[str, Any]]:
+        """The client's bytes for `upstream_model`, changed only where they must be (a stream asks
+        for its usage unless `ask_usage` is false)."""
 
 
 @dataclass(frozen=True, slots=True)

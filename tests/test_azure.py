@@ -22,7 +22,7 @@ from proxy.configfile import parse_config
 from proxy.faults import DEFAULT_COOLDOWN_S, Fault
 from proxy.providers import azure as azure_module
 from proxy.providers import build
-from proxy.providers.azure import AzureProvider, AzureStream, classify_azure
+from proxy.providers.azure import AzureProvider, AzureStream, classify_azure, stream_usage
 
 from .conftest import KEY
 from .fakeazure import (
@@ -380,3 +380,33 @@ async def test_a_config_file_with_azure_providers() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(CONFIG_FILE.replace('    api_version: "2024-10-21"\n', ""), {"AZURE_KEY": "k"})
     assert any(problem.startswith("providers.azure-eu.api_version") for problem in caught.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("api_version", "supports", "asks"),
+    [("2024-06-01", None, False), ("2024-10-21", None, True), ("2025-04-01-preview", None, True),
+     ("v1", None, True), ("2024-06-01", True, True), ("2025-04-01-preview", False, False)],
+)
+def test_which_api_versions_are_asked_for_a_streams_usage(api_version: str, supports: bool | None, asks: bool) -> None:
+    provider = ProviderConfig(name="az", type="azure", base_url="https://r.openai.azure.com/openai",
+                              api_version=api_version, supports_stream_usage=supports)
+    assert stream_usage(provider) is asks
+
+
+async def test_b21_an_api_version_without_stream_usage_never_receives_stream_options(
+    aiohttp_server: Any, start_gateway: Any, http: Any
+) -> None:
+    fake, url = await start_resource(aiohttp_server)
+    fake.default = Reply(content="Hello there, world")
+    gateway = await start_gateway(config(azure("az", url, API_KEY, api_version="2024-06-01")))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body: dict[str, Any] = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers) as response:
+        assert response.status == 200 and (await response.read()).endswith(b"data: [DONE]\n\n")
+    assert "stream_options" not in fake.requests[-1].json
+    body["stream_options"] = {"include_usage": True}
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers) as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert (error["code"], error["param"]) == ("unsupported_field", "stream_options")
+    assert len(fake.requests) == 1

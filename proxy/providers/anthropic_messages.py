@@ -13,15 +13,14 @@ from typing import Any
 import orjson
 
 from ..caps import Caps
-from ..errors import GatewayError, invalid, invalid_value
+from ..errors import invalid_value, unsupported_field
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
 _TOOL_ID_BAD = re.compile(r"[^a-zA-Z0-9_-]")
 
 
-def unsupported(param: str, message: str) -> GatewayError:
-    return invalid("unsupported_field", message, param)
+unsupported = unsupported_field
 
 
 class Build:

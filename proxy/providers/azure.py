@@ -19,6 +19,7 @@ from urllib.parse import quote
 import orjson
 
 from ..config import ProviderConfig
+from ..errors import unsupported_field
 from ..faults import DEFAULT_COOLDOWN_S, MAX_COOLDOWN_S, Fault, Verdict, classify, cooldown_seconds
 from ..streaming import SseScanner
 from ..upstream import Outbound, Prepared, StreamReader
@@ -26,9 +27,18 @@ from .openai import OpenAIProvider
 from .transport import Carrier, Transport
 
 V1 = "v1"  # the api_version of Azure's version-less /v1 API
+FIRST_STREAM_USAGE_VERSION = "2024-10-21"  # the first GA api-version known to take stream_options
 # "... Please retry after 6 seconds." (Azure OpenAI); "Try again in 26 seconds." (its API gateway)
 _WAIT_IN_MESSAGE = re.compile(rb"(?:retry after|try again in) (\d+(?:\.\d+)?) seconds?", re.IGNORECASE)
 _DIMENSIONS = ("requests", "tokens")
+
+
+def stream_usage(config: ProviderConfig) -> bool:
+    """Whether `stream_options.include_usage` may be sent: as configured, else for v1 and the
+    dated versions from 2024-10-21 (older ones answer 400 "Unrecognized request argument")."""
+    if config.supports_stream_usage is not None:
+        return config.supports_stream_usage
+    return config.api_version == V1 or config.api_version[:10] >= FIRST_STREAM_USAGE_VERSION
 
 
 def api_key(key: bytes) -> bytes:
@@ -44,6 +54,7 @@ class AzureProvider(OpenAIProvider):
 
     def __init__(self, config: ProviderConfig, *, transport: Carrier | None = None) -> None:
         self._v1 = config.api_version == V1
+        self._stream_usage = stream_usage(config)
         self._query = "" if self._v1 else "?api-version=" + quote(config.api_version, safe="")
         probe = "/v1/models" if self._v1 else "/models" + self._query
         super().__init__(config, transport=transport or Transport(config, auth=api_key, probe_path=probe))
@@ -51,8 +62,18 @@ class AzureProvider(OpenAIProvider):
         self._deployments: dict[str, bytes] = {}  # keyed by the config's target models: bounded
 
     def prepare(self, call: Outbound, upstream_model: str) -> Prepared:
-        prepared = super().prepare(call, upstream_model)
-        return replace(prepared, path=self._v1_chat if self._v1 else self._deployment(upstream_model))
+        path = self._v1_chat if self._v1 else self._deployment(upstream_model)
+        if self._stream_usage:
+            return replace(super().prepare(call, upstream_model), path=path)
+        chat = call.chat
+        assert chat is not None
+        if chat.usage_requested:
+            raise unsupported_field(
+                "stream_options", f"api_version {self.config.api_version} does not report a stream's usage."
+            )
+        # the stream is then settled on its reservation (SPEC §6: answered but unreported)
+        body, data = call.upstream_request(upstream_model, ask_usage=False)
+        return Prepared(body=body, data=data, stream=chat.stream, path=path)
 
     def _deployment(self, name: str) -> bytes:
         target = self._deployments.get(name)
