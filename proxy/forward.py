@@ -15,10 +15,11 @@ import orjson
 from aiohttp import web
 
 from . import errors
-from .accounts import Choice
+from .accounts import Attempt, Choice
 from .admission import admit_account
 from .call import Call
-from .config import ModelConfig, Timeouts
+from .clock import Clock
+from .config import ModelConfig
 from .deadlines import deadline_at
 from .errors import GatewayError
 from .faults import Fault, Verdict
@@ -32,55 +33,6 @@ TRANSIENT = Verdict(Fault.TRANSIENT, reason="transient")
 # No connection, or one closed before any answer: the provider's host, whichever account asked.
 HOST_FAULT = Verdict(Fault.TRANSIENT, reason="transient", shared=True)
 SUCCESS = Verdict(Fault.NONE)
-
-
-class Clock:
-    """One attempt's deadlines on one `Deadline`: first byte, then idle, under total.
-
-    `idle_s` runs only while the gateway waits on the upstream: while a write waits for the
-    client to take bytes, the client has `client_stall_s` instead.
-    """
-
-    # A client on which one write has waited this long (it took no bytes, or too few to drain the
-    # send buffer) is dropped: it holds an upstream connection and a slot of the account's
-    # concurrency. A constant until the config has a place for it; nginx's send_timeout default.
-    client_stall_s = 60.0
-
-    __slots__ = ("loop", "timeouts", "total_at", "timer", "data_seen", "last_data", "client_since")
-
-    def __init__(self, timeouts: Timeouts) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.timeouts = timeouts
-        now = self.loop.time()
-        self.total_at = now + timeouts.total_s
-        self.timer = deadline_at(min(self.total_at, now + timeouts.first_byte_s))
-        self.data_seen = False
-        self.last_data = now  # since when the gateway has been waiting on the upstream
-        self.client_since: float | None = None  # when the write now waiting on the client began
-
-    def due(self) -> float:
-        """When the wait going on runs out: `idle_s` after the last data while reading;
-        `client_stall_s` after the write began while writing, looked at again within `idle_s`
-        so that once the write ends the idle deadline is not missed."""
-        if self.client_since is None:
-            return min(self.total_at, self.last_data + self.timeouts.idle_s)
-        return min(
-            self.total_at,
-            self.client_since + self.client_stall_s,
-            self.loop.time() + self.timeouts.idle_s,
-        )
-
-    def tick(self) -> None:
-        """Data arrived: the next chunk is due within `idle_s`."""
-        self.data_seen = True
-        self.timer.reschedule(min(self.total_at, self.loop.time() + self.timeouts.idle_s))
-
-    def expired(self) -> GatewayError:
-        if self.loop.time() >= self.total_at:
-            return errors.upstream_timeout(f"over total_s={self.timeouts.total_s:g}")
-        if not self.data_seen:
-            return errors.upstream_timeout(f"no first byte within {self.timeouts.first_byte_s:g}s")
-        return errors.upstream_timeout(f"no data for idle_s={self.timeouts.idle_s:g}")
 
 
 async def forward(call: Call, request: web.Request) -> web.StreamResponse:
@@ -208,19 +160,27 @@ async def _attempt(
         verdict = await _pump(call, request, result, exchange, clock, scanner, first)
         return result
     finally:
-        elapsed = time.perf_counter() - started
-        call.upstream_s += elapsed
-        if exchange is not None:
-            exchange.close()
-        headers = exchange.headers if exchange is not None else None
-        gateway.accounts.finish(
-            attempt, verdict or SUCCESS, loop.time(), cancelled=verdict is None, headers=headers
+        _settle_attempt(call, attempt, verdict, result, exchange, time.perf_counter() - started)
+
+
+def _settle_attempt(
+    call: Call, attempt: Attempt, verdict: Verdict | None, result: object, exchange: Exchange | None,
+    elapsed: float,
+) -> None:
+    """Hands the attempt back, once, whatever happened: `verdict` None means it was cancelled."""
+    gateway = call.gateway
+    call.upstream_s += elapsed
+    if exchange is not None:
+        exchange.close()
+    headers = exchange.headers if exchange is not None else None
+    gateway.accounts.finish(
+        attempt, verdict or SUCCESS, asyncio.get_running_loop().time(), cancelled=verdict is None, headers=headers
+    )
+    call.last_outcome = _outcome(verdict, result, call)
+    if gateway.metrics is not None:
+        gateway.metrics.record_attempt(
+            provider=call.provider, account=call.account, outcome=call.last_outcome, duration_s=elapsed
         )
-        call.last_outcome = _outcome(verdict, result, call)
-        if gateway.metrics is not None:
-            gateway.metrics.record_attempt(
-                provider=call.provider, account=call.account, outcome=call.last_outcome, duration_s=elapsed
-            )
 
 
 _OUTCOMES = {

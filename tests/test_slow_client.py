@@ -19,7 +19,7 @@ from aiohttp import web
 
 from proxy.accesslog import AccessLog
 from proxy.config import Timeouts
-from proxy.forward import Clock
+from proxy.clock import Clock
 
 from .conftest import KEY, Upstream, make_config, sse_chunk, stream_handler
 
