@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
+from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
@@ -282,3 +284,37 @@ async def test_the_mock_imitating_anthropic_goes_through_the_same_conversion(sta
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three four"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
+async def test_a_429_with_only_anthropics_reset_headers_cools_until_the_exhausted_reset(
+    start_gateway: Any, fake: tuple[FakeAnthropic, str], http: Any
+) -> None:
+    anthropic, url = fake
+    reset = datetime.fromtimestamp(time.time() + 40, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    later = datetime.fromtimestamp(time.time() + 900, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    headers = {
+        "anthropic-ratelimit-requests-remaining": "0", "anthropic-ratelimit-requests-reset": reset,
+        "anthropic-ratelimit-tokens-remaining": "5000", "anthropic-ratelimit-tokens-reset": later,
+    }
+    anthropic.script(ErrorReply(429, "rate_limit_error", "slow down", headers=headers))
+    gateway = await start_gateway(config(claude("c", url, "ok-1", "ok-2")))
+    completion = await gateway.client().chat.completions.create(model="claude", messages=MESSAGES)
+    assert completion.choices[0].message.content == "Hello there"
+    async with http.get(f"{gateway.url}/admin/state", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as response:
+        accounts = (await response.json())["accounts"]
+    cooling = [a for a in accounts if a["cooldown_until"] is not None]
+    assert len(cooling) == 1 and 30 <= cooling[0]["cooldown_until"] <= 41  # the exhausted dimension's
+
+
+async def test_a_spend_cap_429_benches_the_account_until_a_probe_succeeds(
+    start_gateway: Any, fake: tuple[FakeAnthropic, str], http: Any
+) -> None:
+    anthropic, url = fake
+    anthropic.script(ErrorReply(429, "rate_limit_error", "You have reached your spend cap."))
+    gateway = await start_gateway(config(claude("c", url, "ok-1", "ok-2")))
+    completion = await gateway.client().chat.completions.create(model="claude", messages=MESSAGES)
+    assert completion.choices[0].message.content == "Hello there"
+    async with http.get(f"{gateway.url}/admin/state", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as response:
+        accounts = (await response.json())["accounts"]
+    assert [a["quarantined"] for a in accounts if a["quarantined"]] == ["anthropic 429 spend cap"]
+    assert all(a["cooldown_until"] is None for a in accounts)
