@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import report, scenarios, stream_scenarios
+from . import conversion, report, scenarios, stream_scenarios
 from .harness import FULL, QUICK, Bench, Params
 from .procs import Cores, Procs, raise_open_files
 from .upstreams import TOOLS, missing_tools
@@ -53,6 +53,7 @@ SCENARIOS: dict[str, Scenario] = {
     "d": lambda bench, shared: stream_scenarios.many_streams(bench),
     "e": lambda bench, shared: scenarios.body_sizes(bench),
     "f": lambda bench, shared: scenarios.workers(bench),
+    "g": lambda bench, shared: conversion.converted(bench),
 }
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short runs, 1,000 slow streams (< 2 min)")
+    parser.add_argument("--quick", action="store_true", help="short runs, 1,000 slow streams (about 2 min)")
     parser.add_argument("--only", help="comma-separated scenarios to run, e.g. a,c (a and b are measured together)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     return parser

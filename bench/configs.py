@@ -46,10 +46,12 @@ DEFAULT = Step(
 )
 
 
-def provider(base_url: str, accounts: int = 1) -> dict[str, Any]:
+def provider(base_url: str, accounts: int = 1, *, kind: str = "openai") -> dict[str, Any]:
+    """A provider of `kind` (`openai`: pass-through to `{base_url}/chat/completions`; `anthropic`:
+    converted, to `{base_url}/v1/messages`)."""
     names = [f"acct-{i + 1}" for i in range(accounts)]
     return {
-        "type": "openai",
+        "type": kind,
         "base_url": base_url,
         "accounts": [{"name": name, "api_key": f"sk-upstream-{name}"} for name in names],
     }

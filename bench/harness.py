@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from .configs import DEFAULT, Step, gateway_config, write_config
 from .load import run_wrk
 from .procs import Cores, Proc, ProcError, Procs, core_busy_seconds, free_port, wait_listening
+from .streams import stream_load, summarize
 from .upstreams import redis_commands, start_nginx, start_redis, start_sse
 
 MIB = 1024 * 1024
@@ -180,6 +183,29 @@ class Bench:
                  + (f", {result.errors} errors" if result.errors else ""))
         return row
 
+    def measure_streams(self, hop: Hop | None, url: str, body: bytes, label: str) -> dict[str, Any]:
+        """`stream_concurrency` streams back to back: warm-up, then measured; CPU µs per completed
+        stream of `hop`'s process tree."""
+        params = self.params
+
+        def probe() -> tuple[float, float]:
+            return (hop.proc.cpu_seconds() if hop else 0.0), core_busy_seconds(self.cores.gateway)
+
+        samples, seconds, (before, after) = uvloop.run(stream_load(
+            url, body, concurrency=params.stream_concurrency, warmup_s=params.warmup_s,
+            seconds=params.seconds, probe=probe,
+        ))
+        row = summarize(samples, seconds)
+        row["errors_total"] = sum(row["errors"].values())
+        if hop is not None:
+            cpu = after[0] - before[0]
+            row["cpu_us"] = cpu / max(1, len(samples)) * 1e6
+            row["core_other_pct"] = self.other_load(before[1], cpu, seconds, after[1])
+        self.log(f"  {label}: {row['streams_per_s']:,.0f} streams/s, TTFB p50 {row['ttfb_p50_ms'] or 0:.2f} ms"
+                 + (f", {row['cpu_us']:.0f} µs CPU/stream" if hop else "")
+                 + other_note(row) + (f", errors {row['errors']}" if row["errors"] else ""))
+        return row
+
     def other_load(
         self, core_before: float, hop_cpu: float, seconds: float, core_after: float | None = None
     ) -> float | None:
@@ -224,10 +250,12 @@ def other_note(row: dict[str, Any]) -> str:
     return f" (other processes took {other:.0f}% of the gateway core)" if other and other >= 5 else ""
 
 
-def with_ratios(row: dict[str, Any], floor: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """Adds `<key>_x_floor` = row[key] / floor[key] for each key both have."""
+def with_ratios(
+    row: dict[str, Any], floor: dict[str, Any], keys: tuple[str, ...], suffix: str = "floor"
+) -> dict[str, Any]:
+    """Adds `<key>_x_<suffix>` = row[key] / floor[key] for each key both have."""
     for key in keys:
         mine, theirs = row.get(key), floor.get(key)
         if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) and theirs:
-            row[f"{key}_x_floor"] = mine / theirs
+            row[f"{key}_x_{suffix}"] = mine / theirs
     return row

@@ -83,7 +83,8 @@ def markdown(run: dict[str, Any]) -> str:
         f"Pinning: {run['pinning']}.",
         "",
         f"Each load: {run['settings']}. Total run time {run['seconds']:.0f} s.",
-        "Figures of llm-proxy carry their ratio to the floor measured in the same run, as `(N×)`.",
+        ("Figures of llm-proxy carry their ratio to the floor measured in the same run, as `(N×)` "
+         "(in (f) to 1 worker, in (g) to the pass-through)."),
     ]
     for result in run["scenarios"]:
         lines += ["", f"### {result['title']}", ""]

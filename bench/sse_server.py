@@ -2,7 +2,10 @@
 
 The path sets the shape: `/sse/{chunks}/{gap_ms}/...` sends `chunks` content events `gap_ms`
 apart, then a usage chunk when the body asked for `stream_options.include_usage`, then
-`data: [DONE]`. A plain asyncio protocol on uvloop: HTTP/1.1 keep-alive, chunked encoding.
+`data: [DONE]`. `/anthropic/{chunks}/{gap_ms}/...` sends the same answer as Anthropic's Messages
+API streams it: message_start, content_block_start, `chunks` text deltas `gap_ms` apart,
+content_block_stop, message_delta with the usage, message_stop. A plain asyncio protocol on
+uvloop: HTTP/1.1 keep-alive, chunked encoding.
 
     python -m bench.sse_server --port 9000
 """
@@ -21,15 +24,16 @@ HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n"
 )
-SHAPE = re.compile(r"^/sse/(\d+)/(\d+)(?:/|$)")
+SHAPE = re.compile(r"^/(sse|anthropic)/(\d+)/(\d+)(?:/|$)")
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
+STREAM_PROMPT_TOKENS = 250  # every stream's usage: these prompt tokens, one completion token a chunk
 
 
 def _chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _event(choices: list[dict[str, object]], **extra: object) -> bytes:
+def _chunk(choices: list[dict[str, object]], **extra: object) -> bytes:
     chunk = {
         "id": "chatcmpl-bench",
         "object": "chat.completion.chunk",
@@ -38,23 +42,75 @@ def _event(choices: list[dict[str, object]], **extra: object) -> bytes:
         "choices": choices,
         **extra,
     }
-    return _chunked(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-@functools.lru_cache(maxsize=64)
-def events(chunks: int) -> tuple[bytes, ...]:
-    """The content events, already chunk-encoded; the last one carries finish_reason."""
-    return tuple(
-        _event([{"index": 0, "delta": {"content": f"tok{i} "},
-                 "finish_reason": "stop" if i == chunks - 1 else None}])
-        for i in range(chunks)
+def openai_events(chunks: int, with_usage: bool) -> tuple[bytes, ...]:
+    """The SSE events of a chat completion stream: `chunks` content events (the last one carries
+    finish_reason), the usage chunk when asked for, [DONE]."""
+    content = [_chunk([{"index": 0, "delta": {"content": f"tok{i} "},
+                        "finish_reason": "stop" if i == chunks - 1 else None}]) for i in range(chunks)]
+    usage = {"prompt_tokens": STREAM_PROMPT_TOKENS, "completion_tokens": chunks,
+             "total_tokens": STREAM_PROMPT_TOKENS + chunks}
+    return (*content, *([_chunk([], usage=usage)] if with_usage else []), b"data: [DONE]\n\n")
+
+
+def _named(name: str, payload: dict[str, object]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def anthropic_events(chunks: int) -> tuple[bytes, ...]:
+    """The same answer as Anthropic streams it: two opening events, `chunks` text deltas, three
+    closing events (the usage in message_start and message_delta)."""
+    message: dict[str, object] = {"id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-anthropic",
+               "content": [], "stop_reason": None, "stop_sequence": None,
+               "usage": {"input_tokens": STREAM_PROMPT_TOKENS, "cache_creation_input_tokens": 0,
+                         "cache_read_input_tokens": 0, "output_tokens": 1}}
+    deltas = [_named("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": f"tok{i} "}})
+              for i in range(chunks)]
+    return (
+        _named("message_start", {"type": "message_start", "message": message}),
+        _named("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}}),
+        *deltas,
+        _named("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        _named("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                 "usage": {"output_tokens": chunks}}),
+        _named("message_stop", {"type": "message_stop"}),
     )
 
 
-def ending(chunks: int, with_usage: bool) -> bytes:
-    usage = {"prompt_tokens": 250, "completion_tokens": chunks, "total_tokens": 250 + chunks}
-    tail = _event([], usage=usage) if with_usage else b""
-    return tail + _chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+def _parts(events: tuple[bytes, ...], *, lead: int, tail: int) -> tuple[bytes, ...]:
+    """`events` chunk-encoded and cut where the gaps go: the `lead` opening events come with the
+    first content event, the `tail` closing ones (and the end of the body) with the last."""
+    chunked = [_chunked(event) for event in events]
+    content = chunked[lead : len(chunked) - tail]
+    content[0] = b"".join(chunked[:lead]) + content[0]
+    content[-1] += b"".join(chunked[len(chunked) - tail :]) + b"0\r\n\r\n"
+    return tuple(content)
+
+
+@functools.lru_cache(maxsize=128)
+def openai_parts(chunks: int, with_usage: bool) -> tuple[bytes, ...]:
+    return _parts(openai_events(chunks, with_usage), lead=0, tail=2 if with_usage else 1)
+
+
+@functools.lru_cache(maxsize=64)
+def anthropic_parts(chunks: int) -> tuple[bytes, ...]:
+    return _parts(anthropic_events(chunks), lead=2, tail=3)
+
+
+def stream_parts(path: str, body: bytes) -> tuple[tuple[bytes, ...], float]:
+    """What to send for a request on `path`, in parts to be written `gap_s` apart."""
+    shape = SHAPE.match(path)
+    kind, chunks, gap_s = (shape[1], int(shape[2]), int(shape[3]) / 1000) if shape else ("sse", 20, 0.0)
+    chunks = max(chunks, 1)
+    if kind == "anthropic":
+        return anthropic_parts(chunks), gap_s
+    options = orjson.loads(body).get("stream_options") if body else None
+    with_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return openai_parts(chunks, with_usage), gap_s
 
 
 class SseProtocol(asyncio.Protocol):
@@ -92,21 +148,16 @@ class SseProtocol(asyncio.Protocol):
         asyncio.get_running_loop().create_task(self.answer(path, body))
 
     async def answer(self, path: str, body: bytes) -> None:
-        shape = SHAPE.match(path)
-        chunks, gap_s = (int(shape[1]), int(shape[2]) / 1000) if shape else (20, 0.0)
-        options = orjson.loads(body).get("stream_options") if body else None
-        with_usage = isinstance(options, dict) and options.get("include_usage") is True
-        content = events(max(chunks, 1))
+        parts, gap_s = stream_parts(path, body)
         if gap_s == 0:
-            self.write(HEAD + b"".join(content) + ending(chunks, with_usage))
+            self.write(HEAD + b"".join(parts))
         else:
-            self.write(HEAD + content[0])
-            for event in content[1:]:
+            self.write(HEAD + parts[0])
+            for part in parts[1:]:
                 await asyncio.sleep(gap_s)
                 if self.transport is None:
                     return
-                self.write(event)
-            self.write(ending(chunks, with_usage))
+                self.write(part)
         self.busy = False
         if self.buffer:
             self.next_request()

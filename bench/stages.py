@@ -6,7 +6,10 @@ own functions in a loop (warm caches, no I/O), with the benchmarks' every-featur
 limits in process, 3 accounts, metrics, access log), so the stages can be compared with each
 other exactly. In a serving process each costs more (colder caches), so the sum is a floor for
 what the features add. Below the total, the body rewrite (`Call.upstream_request` when the
-upstream's model name differs or usage must be asked for), which only some requests need.
+upstream's model name differs or usage must be asked for), which only some requests need. Last,
+what a provider does per request on the pass-through (`openai`) and on the converted path
+(`anthropic`: `to_anthropic`, `from_anthropic`, `AnthropicStream.feed`, through the provider's own
+methods as `forward` calls them), on the answers and streams of the benchmarks' fake upstreams.
 
     .venv/bin/python -m bench.stages [--iterations N]
 """
@@ -30,7 +33,7 @@ from proxy.admission import admit, ratelimit_headers, settle_limits
 from proxy.call import Call
 from proxy.configfile import parse_config
 from proxy.faults import Fault, Verdict
-from proxy.forward import Clock
+from proxy.clock import Clock
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 from proxy.ratelimit import LocalLimiter
@@ -38,12 +41,15 @@ from proxy.validation import parse_chat_request
 
 from .configs import LADDER, gateway_config, provider
 from .load import FILLER, GATEWAY_KEY, chat_body
-from .upstreams import CHAT_COMPLETION
+from .sse_server import anthropic_events, openai_events
+from .upstreams import ANTHROPIC_MESSAGE, CHAT_COMPLETION
 
 MODEL = "bench-chat"
 UPSTREAM_MODEL = "bench-chat-2024-08-06"
 SUCCESS = Verdict(Fault.NONE)
 UPSTREAM_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json", "Content-Length": "614"}))
+STREAM_CHUNKS = 20
+Stage = Callable[[], Awaitable[None]]
 
 
 def build_gateway() -> Gateway:
@@ -161,6 +167,56 @@ def rewrites(gateway: Gateway) -> dict[str, Callable[[], Awaitable[None]]]:
     }
 
 
+def conversions() -> dict[str, tuple[Stage, Stage]]:
+    """Each provider stage as (pass-through, converted): one gateway with an `openai` and an
+    `anthropic` provider, each fed its upstream's version of the same answer."""
+    unused = "http://127.0.0.1:9"
+    data = gateway_config(port=0, providers={"pass": provider(unused + "/v1"),
+                                             "converted": provider(unused, kind="anthropic")})
+    gateway = Gateway(config=parse_config(yaml.safe_dump(data), os.environ), limiter=LocalLimiter(),
+                      metrics=Metrics(CollectorRegistry()))
+    passed = _provider_stages(gateway, "pass", CHAT_COMPLETION, openai_events(STREAM_CHUNKS, True))
+    converted = _provider_stages(gateway, "converted", ANTHROPIC_MESSAGE, anthropic_events(STREAM_CHUNKS))
+    return {name: (passed[name], converted[name]) for name in passed}
+
+
+def _provider_stages(gateway: Gateway, name: str, answer: bytes, events: tuple[bytes, ...]) -> dict[str, Stage]:
+    """What `forward` asks of the provider `name`: prepare the request, read the answer, read a
+    stream (whole, as a stream without gaps arrives, or an event per read, as a slow one does)."""
+    upstream = gateway.providers[name]
+
+    def new_call(stream: bool) -> Call:
+        body = chat_body(model=name, stream=stream)
+        call = Call(gateway=gateway, request_id="req_0123456789ab0000000001", started=0.0)
+        call.chat, call.model, call.body = parse_chat_request(body), gateway.models[name], body
+        return call
+
+    json_call, stream_call = new_call(False), new_call(True)
+    json_prepared, stream_prepared = upstream.prepare(json_call, name), upstream.prepare(stream_call, name)
+    whole = b"".join(events)
+
+    async def prepare() -> None:
+        upstream.prepare(json_call, name)
+
+    async def read_answer() -> None:
+        upstream.answer(answer, json_prepared)
+
+    async def stream_whole() -> None:
+        upstream.stream(stream_prepared).feed(whole)
+
+    async def stream_by_event() -> None:
+        reader = upstream.stream(stream_prepared)
+        for event in events:
+            reader.feed(event)
+
+    return {
+        "request: prepare (1 KB body)": prepare,
+        "answer: read for usage / convert (614 / 561 B)": read_answer,
+        f"stream of {STREAM_CHUNKS} chunks, one read": stream_whole,
+        f"stream of {STREAM_CHUNKS} chunks, an event per read": stream_by_event,
+    }
+
+
 async def measure(stage: Callable[[], Awaitable[None]], iterations: int) -> float:
     for _ in range(min(2000, iterations)):
         await stage()
@@ -186,7 +242,25 @@ async def main_async(iterations: int) -> None:
     print("only when the body must change (not in the total):")
     for name, us in extra:
         print(f"{name:<{width}}  {us:10.2f}")
+    await _print_conversions(iterations, empty)
     print(f"(each net of an empty awaited call, {empty:.2f} µs; {iterations:,} iterations, uvloop)")
+
+
+async def _print_conversions(iterations: int, empty: float, repeats: int = 5) -> None:
+    """Each pair measured `repeats` times, alternating, and the least of each kept: on a shared
+    machine a figure alone moves by 30 %, the least much less."""
+    rows = []
+    for name, pair in conversions().items():
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(repeats):
+            for stage, found in zip(pair, times):
+                found.append(await _net(stage, max(1, iterations // repeats), empty))
+        rows.append((name, min(times[0]), min(times[1])))
+    title = f"provider stage (least of {repeats}, alternating)"
+    width = max(len(name) for name, _, _ in rows + [(title, 0, 0)])
+    print(f"\n{title:<{width}}  pass-through  converted  converted − pass-through µs")
+    for name, passed, converted in rows:
+        print(f"{name:<{width}}  {passed:12.2f}  {converted:9.2f}  {converted - passed:+10.2f}")
 
 
 async def _net(stage: Callable[[], Awaitable[None]], iterations: int, empty: float) -> float:

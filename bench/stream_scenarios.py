@@ -14,10 +14,9 @@ from typing import Any
 import uvloop
 
 from .configs import DEFAULT, mock_provider, provider
-from .harness import MIB, Bench, Hop, other_note, with_ratios
+from .harness import MIB, Bench, Hop, with_ratios
 from .load import chat_body
-from .procs import core_busy_seconds
-from .streams import hold_streams, incremental, stream_load, summarize
+from .streams import hold_streams, incremental, summarize
 
 STREAM_KEYS = ("streams_per_s", "ttfb_p50_ms", "ttfb_p99_ms", "cpu_us")
 OPENING = 256  # connections being opened at once in (d): the client opens them in batches
@@ -61,10 +60,10 @@ def _shape_rows(bench: Bench, gateway: Hop, chunks: int, gap_ms: int) -> list[di
     bench.log(f"(c) streams: {shape}")
     body = chat_body(model=_model(chunks, gap_ms), stream=True)
     upstream = f"{bench.sse}/sse/{chunks}/{gap_ms}"
-    direct = _measure(bench, None, upstream + "/v1/chat/completions", body, "direct")
+    direct = bench.measure_streams(None, upstream + "/v1/chat/completions", body, "direct")
     with bench.floor(upstream) as hop:
-        floor = _measure(bench, hop, hop.chat_url, body, "floor")
-    proxy = with_ratios(_measure(bench, gateway, gateway.chat_url, body, "llm-proxy"), floor, STREAM_KEYS)
+        floor = bench.measure_streams(hop, hop.chat_url, body, "floor")
+    proxy = with_ratios(bench.measure_streams(gateway, gateway.chat_url, body, "llm-proxy"), floor, STREAM_KEYS)
     rows = [{"target": "direct to SSE upstream", **direct}, {"target": "floor", **floor},
             {"target": "llm-proxy", **proxy}]
     for row in rows:
@@ -81,28 +80,6 @@ def _added(row: dict[str, Any], direct: dict[str, Any]) -> str:
                 f"{row['ttfb_p99_ms'] - direct['ttfb_p99_ms']:+.2f}")
     except TypeError:
         return "–"
-
-
-def _measure(bench: Bench, hop: Hop | None, url: str, body: bytes, label: str) -> dict[str, Any]:
-    params = bench.params
-
-    def probe() -> tuple[float, float]:
-        return (hop.proc.cpu_seconds() if hop else 0.0), core_busy_seconds(bench.cores.gateway)
-
-    samples, seconds, (before, after) = uvloop.run(stream_load(
-        url, body, concurrency=params.stream_concurrency, warmup_s=params.warmup_s,
-        seconds=params.seconds, probe=probe,
-    ))
-    row = summarize(samples, seconds)
-    row["errors_total"] = sum(row["errors"].values())
-    if hop is not None:
-        cpu = after[0] - before[0]
-        row["cpu_us"] = cpu / max(1, len(samples)) * 1e6
-        row["core_other_pct"] = bench.other_load(before[1], cpu, seconds, after[1])
-    bench.log(f"  {label}: {row['streams_per_s']:,.0f} streams/s, TTFB p50 {row['ttfb_p50_ms'] or 0:.2f} ms"
-              + (f", {row['cpu_us']:.0f} µs CPU/stream" if hop else "")
-              + other_note(row) + (f", errors {row['errors']}" if row["errors"] else ""))
-    return row
 
 
 def many_streams(bench: Bench) -> dict[str, Any]:

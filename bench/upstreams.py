@@ -1,8 +1,9 @@
 """What the hop under test talks to, started on the load core: nginx, the SSE server, Redis.
 
 nginx answers every request with one fixed ~600-byte `chat.completion` (`return 200`) from a
-config generated here, so the JSON upstream costs next to nothing. Each start returns the
-base URL; the processes belong to the caller's `Procs`.
+config generated here, and `/v1/messages` with the same answer as an Anthropic `message`, so the
+JSON upstream costs next to nothing. Each start returns the base URL; the processes belong to
+the caller's `Procs`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from .procs import Cores, Proc, Procs, free_port, wait_listening
 SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TOOLS = {"nginx": "nginx", "wrk": "wrk", "redis-server": "redis-server"}  # binary: Debian package
 
+ANSWER_TEXT = (
+    "Paris is the capital of France. It lies on the Seine in the north of the "
+    "country and has been the seat of government since the tenth century. "
+    "Its metropolitan area holds about twelve million people, and the city "
+    "is known for its museums, its architecture and its cafes."
+)
+PROMPT_TOKENS, COMPLETION_TOKENS = 251, 58
+
 CHAT_COMPLETION = orjson.dumps(
     {
         "id": "chatcmpl-bench0000000000000000000001",
@@ -30,19 +39,30 @@ CHAT_COMPLETION = orjson.dumps(
                 "index": 0,
                 "message": {
                     "role": "assistant",
-                    "content": (
-                        "Paris is the capital of France. It lies on the Seine in the north of the "
-                        "country and has been the seat of government since the tenth century. "
-                        "Its metropolitan area holds about twelve million people, and the city "
-                        "is known for its museums, its architecture and its cafes."
-                    ),
+                    "content": ANSWER_TEXT,
                     "refusal": None,
                 },
                 "logprobs": None,
                 "finish_reason": "stop",
             }
         ],
-        "usage": {"prompt_tokens": 251, "completion_tokens": 58, "total_tokens": 309},
+        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
+                  "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS},
+    }
+)
+
+# The same answer as Anthropic's Messages API sends it (POST /v1/messages).
+ANTHROPIC_MESSAGE = orjson.dumps(
+    {
+        "id": "msg_bench00000000000000000001",
+        "type": "message",
+        "role": "assistant",
+        "model": "bench-anthropic",
+        "content": [{"type": "text", "text": ANSWER_TEXT}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": PROMPT_TOKENS, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 0, "output_tokens": COMPLETION_TOKENS},
     }
 )
 
@@ -69,6 +89,10 @@ http {{
             default_type application/json;
             return 200 '{body}';
         }}
+        location = /v1/messages {{
+            default_type application/json;
+            return 200 '{message}';
+        }}
     }}
 }}
 """
@@ -82,12 +106,17 @@ def missing_tools() -> list[str]:
     return [name for name in TOOLS if find_tool(name) is None]
 
 
+def _nginx_literal(body: bytes) -> str:
+    text = body.decode()
+    assert "'" not in text and "$" not in text and "\\" not in text  # nginx string literal
+    return text
+
+
 def start_nginx(procs: Procs, cores: Cores) -> str:
-    body = CHAT_COMPLETION.decode()
-    assert "'" not in body and "$" not in body and "\\" not in body  # nginx string literal
     port = free_port()
     conf = procs.workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=procs.workdir, port=port, body=body))
+    conf.write_text(NGINX_CONF.format(dir=procs.workdir, port=port, body=_nginx_literal(CHAT_COMPLETION),
+                                      message=_nginx_literal(ANTHROPIC_MESSAGE)))
     nginx = find_tool("nginx")
     assert nginx is not None
     argv = [nginx, "-p", str(procs.workdir), "-c", str(conf), "-e", str(procs.workdir / "nginx-error.log")]
