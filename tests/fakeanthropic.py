@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .fakes import Received, Scripted
 
 API_KEY = "sk-ant-fake"
 # The Messages API's documented top-level request fields; anything else is "Extra inputs".
@@ -89,29 +90,11 @@ class ErrorReply:
     body: bytes | None = None
 
 
-@dataclass
-class Received:
-    method: str
-    path: str
-    headers: dict[str, str]  # lower-cased names
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-
-class FakeAnthropic:
+class FakeAnthropic(Scripted["Reply | ErrorReply"]):
     def __init__(self, *, api_keys: tuple[str, ...] = (API_KEY,)) -> None:
+        super().__init__(Reply())
         self.api_keys = api_keys
-        self.replies: deque[Reply | ErrorReply] = deque()
-        self.default: Reply | ErrorReply = Reply()
-        self.requests: list[Received] = []
         self._ids = itertools.count(1)
-
-    def script(self, *replies: Reply | ErrorReply) -> None:
-        """Answers for the next requests, in order; then `default`."""
-        self.replies.extend(replies)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -120,13 +103,6 @@ class FakeAnthropic:
         app.router.add_get("/v1/models", self._models)
         app.router.add_route("*", "/{tail:.*}", self._record_only)
         return app
-
-    async def _receive(self, request: web.Request) -> Received:
-        received = Received(
-            request.method, request.path, {k.lower(): v for k, v in request.headers.items()}, await request.read()
-        )
-        self.requests.append(received)
-        return received
 
     async def _record_only(self, request: web.Request) -> web.StreamResponse:
         await self._receive(request)
@@ -138,7 +114,7 @@ class FakeAnthropic:
         if refusal is not None:
             return self._error(refusal)
         body = received.json
-        reply = self.replies.popleft() if self.replies else self.default
+        reply = self.next_reply()
         if isinstance(reply, ErrorReply):
             return self._error(reply)
         message = self._message(reply, body["model"])

@@ -18,12 +18,13 @@ single events as Azure streams them, for tests of the stream normaliser without 
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .fakes import Received, Scripted
 
 API_KEY = "azure-key-1"
 API_KEY_2 = "azure-key-2"
@@ -121,29 +122,11 @@ class ErrorReply:
         )
 
 
-@dataclass
-class Received:
-    method: str
-    target: str  # path and query, exactly as sent
-    headers: dict[str, str]  # lower-cased names
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-
-class FakeAzure:
+class FakeAzure(Scripted["Reply | ErrorReply"]):
     def __init__(self, *, deployments: dict[str, str], api_keys: tuple[str, ...] = (API_KEY,)) -> None:
+        super().__init__(Reply())
         self.deployments = deployments  # deployment name -> the model it runs
         self.api_keys = api_keys  # the resource's keys (Azure gives two)
-        self.replies: deque[Reply | ErrorReply] = deque()
-        self.default: Reply | ErrorReply = Reply()
-        self.requests: list[Received] = []
-
-    def script(self, *replies: Reply | ErrorReply) -> None:
-        """Answers for the next chat requests, in order; then `default`."""
-        self.replies.extend(replies)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -153,12 +136,6 @@ class FakeAzure:
         app.router.add_get("/openai/v1/models", self._models)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
-
-    async def _receive(self, request: web.Request) -> Received:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        received = Received(request.method, request.raw_path, headers, await request.read())
-        self.requests.append(received)
-        return received
 
     async def _not_found(self, request: web.Request) -> web.StreamResponse:
         await self._receive(request)
@@ -198,7 +175,7 @@ class FakeAzure:
                 "The API deployment for this resource does not exist. If you created the deployment within "
                 "the last 5 minutes, please wait a moment and try again.",
             ))
-        reply = self.replies.popleft() if self.replies else self.default
+        reply = self.next_reply()
         if isinstance(reply, ErrorReply):
             return _error(reply)
         model = self.deployments[deployment]

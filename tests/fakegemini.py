@@ -16,12 +16,13 @@ target, headers and bytes.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .fakes import Received, Scripted
 
 API_KEY = "gemini-key-1"
 API_KEY_2 = "gemini-key-2"
@@ -80,27 +81,10 @@ def error_info(reason: str) -> dict[str, Any]:
     return {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "googleapis.com"}
 
 
-@dataclass
-class Received:
-    method: str
-    target: str
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-
-class FakeGemini:
+class FakeGemini(Scripted["Reply | GoogleError"]):
     def __init__(self, *, api_keys: tuple[str, ...] = (API_KEY,)) -> None:
+        super().__init__(Reply())
         self.api_keys = api_keys
-        self.replies: deque[Reply | GoogleError] = deque()
-        self.default: Reply | GoogleError = Reply()
-        self.requests: list[Received] = []
-
-    def script(self, *replies: Reply | GoogleError) -> None:
-        self.replies.extend(replies)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -108,12 +92,6 @@ class FakeGemini:
         app.router.add_get("/v1beta/openai/models", self._models)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
-
-    async def _receive(self, request: web.Request) -> Received:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        received = Received(request.method, request.raw_path, headers, await request.read())
-        self.requests.append(received)
-        return received
 
     def _authorized(self, received: Received) -> bool:
         bearer = received.headers.get("authorization", "")
@@ -138,7 +116,7 @@ class FakeGemini:
             return _error(GoogleError(404, "NOT_FOUND", f"models/{body.get('model')} is not found for API version v1main"))
         if not body.get("messages"):
             return _error(GoogleError(400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified"))
-        reply = self.replies.popleft() if self.replies else self.default
+        reply = self.next_reply()
         if isinstance(reply, GoogleError):
             return _error(reply)
         if body.get("stream") is True:
