@@ -8,7 +8,7 @@ too large to hold is an `UpstreamFailure`, like any other bad answer.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -23,7 +23,6 @@ DONE = b"data: [DONE]"
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 # How many held bytes a boundary completed by the next chunk can start in (`\r\n\r\n`, less one)
 _SEAM = 3
-_BOUNDARY = re.compile(rb"\n\n|\r\n\r\n")
 
 
 class EventTooLarge(UpstreamFailure):
@@ -123,9 +122,9 @@ class SseScanner:
             if not _is_object_after(data, start):
                 continue  # `"usage": null` rides on every chunk once usage is asked for
             begin = _event_start(data, floor, found)
-            start = floor = _event_end(data, found)
-            event = _parse_event(data[begin:start])
-            if event is None or type(event.get("usage")) is not dict:
+            start = floor = event_end(data, found, len(data))
+            event = event_json(data[begin:start])
+            if type(event) is not dict or type(event.get("usage")) is not dict:
                 continue
             self.usage = event["usage"]
             if self.strip_usage and not event.get("choices"):
@@ -161,19 +160,42 @@ def _event_start(data: bytes, floor: int, at: int) -> int:
     return max(lf + 2 if lf >= 0 else floor, crlf + 4 if crlf >= 0 else floor)
 
 
-def _event_end(data: bytes, at: int) -> int:
-    """Just past the event holding `at` (the first boundary after it), or the end of `data`."""
-    boundary = _BOUNDARY.search(data, at)
-    return boundary.end() if boundary is not None else len(data)
+def event_end(data: bytes, start: int, size: int) -> int:
+    """Just past the first blank line at or after `start` (`\n\n` or `\r\n\r\n`), or `size`.
+    Two bounded `find`s: a regex alternation scans several times slower."""
+    lf = data.find(b"\n\n", start)
+    lf = size if lf < 0 else lf + 2
+    crlf = data.find(b"\r\n\r\n", start, lf)
+    return lf if crlf < 0 else crlf + 4
 
 
-def _parse_event(event: bytes) -> dict[str, Any] | None:
-    """The JSON of an event's `data:` lines, or None when it is not a JSON object."""
-    payload = b"\n".join(
-        line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
-    )
+def rewrite_events(data: bytes, rewrite: Callable[[bytes, int, int], bytes | None]) -> bytes:
+    """`data` (whole SSE events) with each event `data[start:end]` for which `rewrite` answers
+    bytes replaced by them (b"": dropped); `data` itself when none is. Linear in `data`: each
+    byte is searched at most twice for a boundary, and what is kept is joined once."""
+    kept: list[bytes] | None = None  # made only when an event changes
+    start = copied = 0
+    size = len(data)
+    while start < size:
+        end = event_end(data, start, size)
+        replacement = rewrite(data, start, end)
+        if replacement is not None:
+            if kept is None:
+                kept = []
+            kept.append(data[copied:start])
+            kept.append(replacement)
+            copied = end
+        start = end
+    if kept is None:
+        return data
+    kept.append(data[copied:])
+    return b"".join(kept)
+
+
+def event_json(event: bytes) -> Any:
+    """The JSON value of an SSE event's `data:` lines; None when they hold none (`[DONE]`, a comment)."""
+    payload = b"\n".join(line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:"))
     try:
-        value = orjson.loads(payload)
+        return orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
-    return value if type(value) is dict else None

@@ -23,7 +23,7 @@ from proxy.configfile import parse_config
 from proxy.faults import DEFAULT_COOLDOWN_S, Fault
 from proxy.providers import build
 from proxy.providers import gemini as gemini_module
-from proxy.providers.azure import event_json
+from proxy.streaming import event_json
 from proxy.providers.gemini import (
     QUOTA_COOLDOWN_S, GeminiProvider, GeminiStream, classify_gemini, google_error, normalise_answer,
 )

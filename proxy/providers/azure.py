@@ -4,24 +4,21 @@ The client's bytes go to `{base_url}/deployments/{target}/chat/completions?api-v
 `api_version: v1`, to `{base_url}/v1/chat/completions`, the deployment being the body's `model`)
 with the key in `api-key`. Streams lose the content-filter chunks OpenAI never sends (reference
 §5.4), and only events that may be one are parsed; everything else is the `openai` type's. A 429
-cools by Azure's hints and a 404 fails over (§5.5). `rewrite_events` and `event_json`, the
-event-level edits of a relayed stream, serve the `gemini` type too. Knows nothing of the request path.
+cools by Azure's hints and a 404 fails over (§5.5). Knows nothing of the request path.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Mapping
 from urllib.parse import quote
 
-import orjson
 
 from ..config import ProviderConfig
 from ..errors import unsupported_field
 from ..faults import DEFAULT_COOLDOWN_S, MAX_COOLDOWN_S, Fault, Verdict, classify, cooldown_seconds
-from ..streaming import SseScanner
+from ..streaming import SseScanner, event_end, event_json, rewrite_events
 from ..upstream import Outbound, Prepared, StreamReader
 from .openai import OpenAIProvider
 from .transport import Carrier, Transport
@@ -109,7 +106,7 @@ def drop_filter_chunks(data: bytes) -> bytes:
     (OpenAI's chunks carry one in every choice; the usage chunk, which has none, has a usage).
     """
     size = len(data)
-    if _event_end(data, 0, size) == size:  # one event, the usual feed
+    if event_end(data, 0, size) == size:  # one event, the usual feed
         return data if _without_filter_chunk(data, 0, size) is None else b""
     return rewrite_events(data, _without_filter_chunk)
 
@@ -118,38 +115,6 @@ def _without_filter_chunk(data: bytes, start: int, end: int) -> bytes | None:
     if data.find(b'"delta"', start, end) < 0 and is_filter_chunk(event_json(data[start:end])):
         return b""
     return None
-
-
-def rewrite_events(data: bytes, rewrite: Callable[[bytes, int, int], bytes | None]) -> bytes:
-    """`data` (whole SSE events) with each event `data[start:end]` for which `rewrite` answers
-    bytes replaced by them (b"": dropped); `data` itself when none is. Linear in `data`: each
-    byte is searched at most twice for a boundary, and what is kept is joined once."""
-    kept: list[bytes] | None = None  # made only when an event changes
-    start = copied = 0
-    size = len(data)
-    while start < size:
-        end = _event_end(data, start, size)
-        replacement = rewrite(data, start, end)
-        if replacement is not None:
-            if kept is None:
-                kept = []
-            kept.append(data[copied:start])
-            kept.append(replacement)
-            copied = end
-        start = end
-    if kept is None:
-        return data
-    kept.append(data[copied:])
-    return b"".join(kept)
-
-
-def _event_end(data: bytes, start: int, size: int) -> int:
-    """Just past the first blank line at or after `start` (`\n\n` or `\r\n\r\n`, as `SseScanner`
-    splits), or `size`. Two bounded `find`s: a regex alternation scans several times slower."""
-    lf = data.find(b"\n\n", start)
-    lf = size if lf < 0 else lf + 2
-    crlf = data.find(b"\r\n\r\n", start, lf)
-    return lf if crlf < 0 else crlf + 4
 
 
 def is_filter_chunk(event: Any) -> bool:
@@ -165,15 +130,6 @@ def is_filter_chunk(event: Any) -> bool:
         type(choice) is dict and "delta" not in choice and choice.get("finish_reason") is None
         for choice in choices
     )
-
-
-def event_json(event: bytes) -> Any:
-    """The JSON value of an SSE event's `data:` lines; None when they hold none (`[DONE]`, a comment)."""
-    payload = b"\n".join(line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:"))
-    try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
 
 
 def classify_azure(

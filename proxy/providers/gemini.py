@@ -17,9 +17,8 @@ import orjson
 
 from ..errors import GatewayError
 from ..faults import DEFAULT_COOLDOWN_S, MAX_COOLDOWN_S, Fault, Verdict, classify, cooldown_seconds, parse_duration
-from ..streaming import SseScanner
+from ..streaming import SseScanner, event_json, rewrite_events
 from ..upstream import Answer, Prepared, StreamReader
-from .azure import event_json, rewrite_events
 from .openai import OpenAIProvider, json_object
 
 # "You exceeded your current quota" with no RetryInfo is a daily or plan quota, spent until Google
