@@ -76,7 +76,7 @@ class Call:
         self.extra_headers: dict[str, str] = {}  # rate-limit headers, on every answer
         self.grants: list[Grant] = []  # limiter holdings, settled once at the end
         self.reserved = 0  # tokens reserved at admission
-        self._forwarded: dict[tuple[str, bool], tuple[bytes, dict[str, Any]]] = {}
+        self._forwarded: dict[tuple[str, bool], bytes] = {}
 
     def response_headers(self, headers: dict[str, str]) -> dict[str, str]:
         """`headers` plus what every answer carries: the request id and rate-limit state."""
@@ -85,28 +85,22 @@ class Call:
             headers.update(self.extra_headers)
         return headers
 
-    def upstream_request(self, upstream_model: str, *, ask_usage: bool = True) -> tuple[bytes, dict[str, Any]]:
+    def upstream_request(self, upstream_model: str, *, ask_usage: bool = True) -> bytes:
         """The body to send for `upstream_model`: the client's bytes unless something must change.
 
         Changes only the model name, drops `request_id`, and asks for usage on streams (unless
         `ask_usage` is false: an upstream that refuses the field), splicing those members into
-        the client's bytes (every other member reaches the upstream byte for byte). `data` is the
-        parsed body as sent.
+        the client's bytes (every other member reaches the upstream byte for byte).
         """
         chat = self.chat
         assert chat is not None
         add_usage = ask_usage and chat.stream and not chat.usage_requested
         # a null `request_id` is absent to the gateway, but an upstream would still see the field
         if upstream_model == chat.model and "request_id" not in chat.data and not add_usage:
-            return self.body, chat.data
+            return self.body
         cached = self._forwarded.get((upstream_model, add_usage))
         if cached is not None:
             return cached
-        data = dict(chat.data)
-        data["model"] = upstream_model
-        data.pop("request_id", None)
-        if add_usage:
-            data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
         try:
             body = splice(
                 self.body,
@@ -117,9 +111,14 @@ class Call:
         except SpliceError as exc:
             # orjson accepted this body and msgspec did not: still forward it, re-encoded
             log.warning("request %s re-encoded: %s", self.request_id, exc)
+            data = dict(chat.data)
+            data["model"] = upstream_model
+            data.pop("request_id", None)
+            if add_usage:
+                data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
             body = orjson.dumps(data)
-        cached = self._forwarded[upstream_model, add_usage] = (body, data)
-        return cached
+        self._forwarded[upstream_model, add_usage] = body
+        return body
 
     def record_usage(self, usage: Any) -> None:
         """Takes an upstream's `usage` figures. They are untrusted input: a figure that is not a

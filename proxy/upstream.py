@@ -34,7 +34,7 @@ class Outbound(Protocol):
     @property
     def request_id(self) -> str: ...
 
-    def upstream_request(self, upstream_model: str, *, ask_usage: bool = True) -> tuple[bytes, dict[str, Any]]:
+    def upstream_request(self, upstream_model: str, *, ask_usage: bool = True) -> bytes:
         """The client's bytes for `upstream_model`, changed only where they must be (a stream asks
         for its usage unless `ask_usage` is false)."""
 
@@ -44,7 +44,6 @@ class Prepared:
     """One request as a provider will send it; reused by every attempt on that provider."""
 
     body: bytes
-    data: dict[str, Any] | None = None  # the OpenAI request `body` says, when it is one
     stream: bool = False
     include_usage: bool = False  # the client asked for the usage chunk
     json_mode: bool = False  # response_format emulated by a forced tool (anthropic)

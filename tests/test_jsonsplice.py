@@ -10,7 +10,6 @@ import json
 from typing import Any, cast
 
 import msgspec
-import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -121,7 +120,7 @@ def test_untouched_members_keep_their_bytes(members: dict[str, Any], layout: dic
     assert list(after) == list(expected)
 
 
-def upstream_request(body: bytes, upstream_model: str) -> tuple[bytes, dict[str, Any]]:
+def upstream_request(body: bytes, upstream_model: str) -> bytes:
     call = Call(gateway=cast(Any, None), request_id="req_test", started=0.0)
     call.body, call.chat = body, parse_chat_request(body)
     return call.upstream_request(upstream_model)
@@ -197,14 +196,13 @@ REWRITES = [
 
 @pytest.mark.parametrize(("body", "upstream_model", "expected"), REWRITES)
 def test_rewrite_changes_only_what_it_must(body: bytes, upstream_model: str, expected: bytes) -> None:
-    sent, data = upstream_request(body, upstream_model)
+    sent = upstream_request(body, upstream_model)
     assert sent == expected
-    assert orjson.loads(sent) == data, "data is what is sent"
 
 
 def test_nothing_to_change_forwards_the_clients_bytes() -> None:
     body = b'{ "model" : "same", "messages" : ' + MESSAGES + b', "seed": 18446744073709551616 }'
-    sent, data = upstream_request(body, "same")
+    sent = upstream_request(body, "same")
     assert sent is body
 
 
@@ -214,19 +212,18 @@ def test_rewrite_is_made_once_per_upstream_model() -> None:
     call.body, call.chat = body, parse_chat_request(body)
     first = call.upstream_request("a")
     assert call.upstream_request("a") is first
-    assert call.upstream_request("b")[0] == b'{"model":"b","messages":' + MESSAGES + b"}"
+    assert call.upstream_request("b") == b'{"model":"b","messages":' + MESSAGES + b"}"
 
 
 def test_body_too_deep_for_msgspec_is_still_spliced() -> None:
     body = b'{"model":"gpt-test","messages":' + MESSAGES + b',"x_deep":' + DEEP + b',"seed":1.0}'
-    sent, data = upstream_request(body, "up")
+    sent = upstream_request(body, "up")
     assert sent == b'{"model":"up","messages":' + MESSAGES + b',"x_deep":' + DEEP + b',"seed":1.0}'
-    assert data["model"] == "up"
 
 
 def test_stream_options_too_deep_for_msgspec_is_still_extended() -> None:
     body = b'{"model":"same","stream":true,"messages":' + MESSAGES + b',"stream_options":{"x_deep":' + DEEP + b"}}"
-    sent, _ = upstream_request(body, "same")
+    sent = upstream_request(body, "same")
     assert sent == body[:-2] + b',"include_usage":true}}'
 
 
@@ -235,9 +232,8 @@ def test_body_the_splice_refuses_is_re_encoded_not_refused() -> None:
     call = Call(gateway=cast(Any, None), request_id="req_test", started=0.0)
     call.chat = parse_chat_request(b'{"model":"gpt-test","messages":' + MESSAGES + b',"seed":1.0}')
     call.body = b"not what orjson read"
-    sent, data = call.upstream_request("up")
+    sent = call.upstream_request("up")
     assert sent == b'{"model":"up","messages":' + MESSAGES + b',"seed":1.0}'
-    assert data == orjson.loads(sent)
 
 
 E2E = [

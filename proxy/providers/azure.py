@@ -69,8 +69,8 @@ class AzureProvider(OpenAIProvider):
                 "stream_options", f"api_version {self.config.api_version} does not report a stream's usage."
             )
         # the stream is then settled on its reservation (SPEC §6: answered but unreported)
-        body, data = call.upstream_request(upstream_model, ask_usage=False)
-        return Prepared(body=body, data=data, stream=chat.stream, path=path)
+        body = call.upstream_request(upstream_model, ask_usage=False)
+        return Prepared(body=body, stream=chat.stream, path=path)
 
     def _deployment(self, name: str) -> bytes:
         target = self._deployments.get(name)

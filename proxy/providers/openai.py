@@ -29,8 +29,8 @@ class OpenAIProvider:
     def prepare(self, call: Outbound, upstream_model: str) -> Prepared:
         chat = call.chat
         assert chat is not None
-        body, data = call.upstream_request(upstream_model)
-        return Prepared(body=body, data=data, stream=chat.stream, include_usage=chat.usage_requested)
+        body = call.upstream_request(upstream_model)
+        return Prepared(body=body, stream=chat.stream, include_usage=chat.usage_requested)
 
     async def send(self, account: AccountConfig, prepared: Prepared, request_id: str) -> Exchange:
         return await self.transport.post(account, prepared.path or self._chat, prepared.body, request_id)
