@@ -114,10 +114,10 @@ def stages(gateway: Gateway, access_log: AccessLog) -> dict[str, Callable[[], Aw
     async def metrics() -> None:
         assert gateway.metrics is not None
         m = gateway.metrics
-        m.record_request(model=MODEL, key=key.name, status=200, error_type="", stream=False,
+        m.record_request(api="chat", model=MODEL, key=key.name, status=200, error_type="", stream=False,
                          duration_s=0.012, upstream_s=0.01)
-        m.record_tokens(model=MODEL, key=key.name, prompt=5, completion=2)
-        m.ttft((MODEL, MODEL)).observe(0.011)
+        m.record_tokens(api="chat", model=MODEL, key=key.name, prompt=5, completion=2)
+        m.ttft(("chat", MODEL, MODEL)).observe(0.011)
         m.record_attempt(provider=MODEL, account="acct-1", outcome="success", duration_s=0.01)
 
     async def log_line() -> None:

@@ -1,7 +1,7 @@
 """The aiohttp application: routes, the `ServerState` app key, start-up and shutdown.
 
 The edge of the gateway: it maps URLs to handlers and owns the lifetime of what they share.
-The chat request path itself lives in `pipeline`.
+The request path itself (chat completions, messages, count_tokens) lives in `pipeline`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import hmac
 import time
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
 from functools import partial
 
 import orjson
@@ -27,7 +28,12 @@ from .metrics import Metrics
 from .ratelimit import Limiter, LocalLimiter
 from .redislimits import RedisLimiter
 from .call import Call
-from .pipeline import authenticate, bearer_token, handle_chat, render_error, request_id_of, utf8_or_empty
+from .chat_api import CHAT
+from .messages_api import MESSAGES
+from .pipeline import (
+    authenticate, bearer_token, handle_chat, handle_count_tokens, handle_messages, render_error, request_id_of,
+    utf8_or_empty,
+)
 from .state import STATE, ServerState
 
 log = logging.getLogger("llm_proxy.app")
@@ -35,6 +41,7 @@ log = logging.getLogger("llm_proxy.app")
 # Every API route is served under each of these prefixes (SPEC §3).
 API_PREFIXES = ("", "/api", "/api/client")
 STARTED = int(time.time())
+STARTED_AT = datetime.fromtimestamp(STARTED, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def build_app(
@@ -70,6 +77,8 @@ def build_app(
 def _add_routes(router: web.UrlDispatcher) -> None:
     for prefix in API_PREFIXES:
         router.add_post(f"{prefix}/v1/chat/completions", handle_chat)
+        router.add_post(f"{prefix}/v1/messages", handle_messages)
+        router.add_post(f"{prefix}/v1/messages/count_tokens", handle_count_tokens)
         router.add_get(f"{prefix}/v1/models", _models)
         router.add_get(f"{prefix}/v1/models/{{model:.+}}", _model)
     router.add_get("/healthz", _healthz)
@@ -130,31 +139,40 @@ async def _refresh_metrics(state: ServerState) -> None:
 
 
 async def _models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    call = Call(gateway=state.gateway, request_id=request_id_of(request), started=0.0)
+    """The models the key may use, in Anthropic's list shape for Anthropic clients (SPEC §10)."""
+    call = _models_call(request)
     try:
         authenticate(call, request)
     except GatewayError as exc:
         return render_error(call, exc)
     assert call.key is not None
-    data = [_model_object(model) for model in state.gateway.models_for(call.key)]
-    return _json(request, {"object": "list", "data": data})
+    models = call.gateway.models_for(call.key)
+    if call.api is MESSAGES:
+        data = [_anthropic_model(model) for model in models]
+        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        return _json(request, {"data": data, "has_more": False, "first_id": first, "last_id": last})
+    return _json(request, {"object": "list", "data": [_model_object(model) for model in models]})
 
 
 async def _model(request: web.Request) -> web.Response:
     """One model the key may use; any other name is not found, so keys learn no other names."""
-    state = request.app[STATE]
-    call = Call(gateway=state.gateway, request_id=request_id_of(request), started=0.0)
+    call = _models_call(request)
     name = request.match_info["model"]
     try:
         authenticate(call, request)
         assert call.key is not None
-        model = state.gateway.models.get(name)
+        model = call.gateway.models.get(name)
         if model is None or (call.key.models is not None and name not in call.key.models):
             raise errors.model_not_found(name)
     except GatewayError as exc:
         return render_error(call, exc)
-    return _json(request, _model_object(model))
+    return _json(request, _anthropic_model(model) if call.api is MESSAGES else _model_object(model))
+
+
+def _models_call(request: web.Request) -> Call:
+    """Anthropic's SDKs (and Claude Code) always send `anthropic-version`; OpenAI's never do."""
+    api = MESSAGES if "anthropic-version" in request.headers else CHAT
+    return Call(gateway=request.app[STATE].gateway, request_id=request_id_of(request), started=0.0, api=api)
 
 
 def _model_object(model: ModelConfig) -> dict[str, object]:
@@ -164,6 +182,10 @@ def _model_object(model: ModelConfig) -> dict[str, object]:
         "created": STARTED,
         "owned_by": model.targets[0].provider if model.targets else "llm-proxy",
     }
+
+
+def _anthropic_model(model: ModelConfig) -> dict[str, object]:
+    return {"type": "model", "id": model.name, "display_name": model.name, "created_at": STARTED_AT}
 
 
 async def _unmatched(request: web.Request) -> web.Response:

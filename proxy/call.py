@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .chat_api import CHAT
+from .clientapi import ClientApi, ClientRequest
 from .config import KeyConfig, ModelConfig
 from .jsonsplice import SpliceError, splice
+from .messages_request import MessagesRequest
 from .ratelimit import MAX_TOKENS, Grant
 from .validation import ChatRequest
 
@@ -28,7 +31,8 @@ class Call:
         "request_id",
         "started",
         "key",
-        "chat",
+        "api",
+        "parsed",
         "model",
         "body",
         "session",
@@ -51,12 +55,15 @@ class Call:
         "_forwarded",
     )
 
-    def __init__(self, *, gateway: Gateway, request_id: str, started: float) -> None:
+    def __init__(
+        self, *, gateway: Gateway, request_id: str, started: float, api: ClientApi = CHAT
+    ) -> None:
         self.gateway = gateway
         self.request_id = request_id
         self.started = started  # time.perf_counter(): every duration of a call is measured on it
         self.key: KeyConfig | None = None
-        self.chat: ChatRequest | None = None
+        self.api = api  # the API the client speaks
+        self.parsed: ClientRequest | None = None  # its validated body
         self.model: ModelConfig | None = None
         self.body = b""
         self.session: str | None = None
@@ -77,6 +84,16 @@ class Call:
         self.grants: list[Grant] = []  # limiter holdings, settled once at the end
         self.reserved = 0  # tokens reserved at admission
         self._forwarded: dict[tuple[str, bool], bytes] = {}
+
+    @property
+    def chat(self) -> ChatRequest | None:
+        parsed = self.parsed
+        return parsed if type(parsed) is ChatRequest else None
+
+    @property
+    def messages(self) -> MessagesRequest | None:
+        parsed = self.parsed
+        return parsed if type(parsed) is MessagesRequest else None
 
     def response_headers(self, headers: dict[str, str]) -> dict[str, str]:
         """`headers` plus what every answer carries: the request id and rate-limit state."""
@@ -119,6 +136,23 @@ class Call:
             body = orjson.dumps(data)
         self._forwarded[upstream_model, add_usage] = body
         return body
+
+    def upstream_messages(self, upstream_model: str) -> bytes:
+        """The client's Messages request for `upstream_model`: its bytes, only `model` spliced in
+        when the name differs (thinking signatures and number formats survive byte for byte)."""
+        messages = self.messages
+        assert messages is not None
+        if upstream_model == messages.model:
+            return self.body
+        cached = self._forwarded.get((upstream_model, False))
+        if cached is None:
+            try:
+                cached = splice(self.body, values={"model": orjson.dumps(upstream_model)})
+            except SpliceError as exc:
+                log.warning("request %s re-encoded: %s", self.request_id, exc)
+                cached = orjson.dumps({**messages.data, "model": upstream_model})
+            self._forwarded[upstream_model, False] = cached
+        return cached
 
     def record_usage(self, usage: Any) -> None:
         """Takes an upstream's `usage` figures. They are untrusted input: a figure that is not a

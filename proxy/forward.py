@@ -46,6 +46,7 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
     breaker_retry_at: float | None = None
     cooling_until: float | None = None
     prepared: dict[tuple[str, str], Prepared] = {}
+    providers = gateway.surfaces[call.api.name]  # as they serve the client's API
     for model in gateway.routes[call.model.name]:
         first_on_model = True
         while call.attempts < max_attempts:
@@ -60,7 +61,7 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
                     cooling_until = min(cooling_until or choice.cooling_until, choice.cooling_until)
                 break
             assert choice.target is not None
-            provider = gateway.providers[choice.target.provider]
+            provider = providers[choice.target.provider]
             try:
                 outgoing = _prepare(call, provider, choice.target.model, prepared)
             except GatewayError as exc:
@@ -258,9 +259,9 @@ async def _relay_json(
     call.record_usage(answer.usage)
     call.first_byte_at = time.perf_counter()
     body = answer.body
-    assert call.chat is not None
-    if call.chat.request_id is not None:
-        body = _with_request_id(body, call.chat.request_id)
+    assert call.parsed is not None
+    if call.parsed.request_id is not None:
+        body = _with_request_id(body, call.parsed.request_id)
     headers = call.response_headers({"Content-Type": "application/json"})
     return SUCCESS, web.Response(body=body, headers=headers)
 
@@ -306,12 +307,13 @@ async def _pump(
     client that stops taking bytes is dropped."""
     error: GatewayError | None = None
     verdict = TRANSIENT  # when an error ends it
+    tail = b""  # the upstream's own end of the stream, when it is the client's protocol too
     try:
         await _relay_chunks(response, exchange, clock, scanner, first)
         if not scanner.done:
             error = errors.bad_upstream_response("stream ended before it was complete")
     except InBandError as exc:
-        error, verdict = errors.bad_upstream_response(exc.detail), exc.verdict
+        error, verdict, tail = errors.bad_upstream_response(exc.detail), exc.verdict, exc.tail
     except TimeoutError:
         if clock.client_since is not None:
             return _drop_client(call, request, clock)
@@ -332,7 +334,7 @@ async def _pump(
     else:
         call.error_type = error.code
         _failed(call, error)
-    await _end_with(call, request, response, clock, error)
+    await _end_with(call, request, response, clock, error, tail)
     return verdict
 
 
@@ -365,15 +367,16 @@ async def _relay_chunks(
 
 async def _end_with(
     call: Call, request: web.Request, response: web.StreamResponse, clock: Clock,
-    error: GatewayError | None,
+    error: GatewayError | None, tail: bytes = b"",
 ) -> None:
-    """Ends a committed stream, with one error event and no `[DONE]` when `error` is given; a
-    client that takes nothing for `client_stall_s` meanwhile is dropped."""
+    """Ends a committed stream, with one error event and no end marker when `error` is given
+    (`tail`, when the upstream's own error event ends it, else the gateway's); a client that
+    takes nothing for `client_stall_s` meanwhile is dropped."""
     clock.client_since = clock.loop.time()
     try:
         async with deadline_at(clock.client_since + clock.client_stall_s):
             if error is not None:
-                await response.write(error.sse_event())
+                await response.write(tail or call.api.error_event(error))
             await response.write_eof()
     except TimeoutError:
         _drop_client(call, request, clock)

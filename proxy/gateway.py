@@ -12,7 +12,9 @@ import random
 
 from .accounts import Accounts
 from .buckets import BucketTables
+from .chat_api import CHAT
 from .config import Config, KeyConfig, ModelConfig
+from .messages_api import MESSAGES
 from .metrics import Metrics
 from . import providers
 from .ratelimit import Limiter
@@ -63,6 +65,11 @@ class Gateway:
         self.providers: dict[str, Provider] = {
             name: old[name] if name in old and old[name].config == provider else providers.build(provider, metrics)
             for name, provider in config.providers.items()
+        }
+        # the providers as each client API's requests reach them (SPEC §10)
+        self.surfaces: dict[str, dict[str, Provider]] = {
+            api.name: {name: api.adapt(provider, metrics) for name, provider in self.providers.items()}
+            for api in (CHAT, MESSAGES)
         }
 
     def retired_from(self, old: Gateway) -> list[Provider]:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from .errors import invalid, invalid_value, unsupported_field
+from .validation import REDIRECTING_FIELDS
 
 ROLES = ("user", "assistant")
 MAX_TOOL_NAME = 64  # OpenAI's limit on function names
@@ -32,19 +33,60 @@ class Converted:
     """An OpenAI chat body and what the conversion did to get it."""
 
     body: bytes
+    data: dict[str, Any]  # the body, parsed
     dropped: tuple[str, ...]  # client fields not sent (llm_proxy_conversion_dropped_params_total)
     tool_names: dict[str, str]  # upstream name → the client's, for truncated names only (B29)
     stream: bool
     stop_sequences: tuple[str, ...]  # to tell stop_sequence from end_turn when an upstream says
 
 
-def validate_messages(data: dict[str, Any]) -> None:
+class MessagesRequest:
+    """What the gateway needs from a validated Messages body; `data` is the parsed body itself.
+
+    Has the attributes of `validation.ChatRequest` the request path reads (model, stream, n,
+    max_tokens, request_id, usage_requested), plus the client's `anthropic-version` and
+    `anthropic-beta` headers, forwarded to an Anthropic upstream.
+    """
+
+    __slots__ = ("data", "model", "stream", "max_tokens", "version", "beta")
+
+    n = 1
+    request_id = None  # the Messages API has no body field for it
+    usage_requested = False
+
+    def __init__(self, data: dict[str, Any], *, version: str | None, beta: str | None) -> None:
+        self.data = data
+        self.model: str = data["model"]
+        self.stream: bool = data.get("stream") is True
+        self.max_tokens: int | None = data.get("max_tokens")
+        self.version = version
+        self.beta = beta
+
+
+def parse_messages_request(
+    body: bytes, *, version: str | None = None, beta: str | None = None, count_only: bool = False
+) -> MessagesRequest:
+    """The body parsed and validated; `count_only` for count_tokens, which takes no `max_tokens`."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise invalid("invalid_json", "The request body is not valid JSON.") from None
+    if type(data) is not dict:
+        raise invalid("invalid_json", "The request body must be a JSON object.")
+    for name in REDIRECTING_FIELDS:
+        if name in data:
+            raise unsupported_field(name, f"The field `{name}` is not accepted by this gateway.")
+    validate_messages(data, count_only=count_only)
+    return MessagesRequest(data, version=version, beta=beta)
+
+
+def validate_messages(data: dict[str, Any], *, count_only: bool = False) -> None:
     """What Anthropic itself requires of a request; GatewayError 400 naming the field."""
     model = data.get("model")
     if type(model) is not str or not model:
         raise _required("model", "`model` must be a non-empty string.", model is None)
     max_tokens = data.get("max_tokens")
-    if type(max_tokens) is not int or max_tokens < 1:
+    if not (count_only and max_tokens is None) and (type(max_tokens) is not int or max_tokens < 1):
         raise _required("max_tokens", "`max_tokens` must be an integer of at least 1.", max_tokens is None)
     messages = data.get("messages")
     if type(messages) is not list or not messages:
@@ -105,7 +147,7 @@ def to_openai(data: dict[str, Any], *, model: str) -> Converted:
     if stream:
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}  # settlement needs the usage chunk
-    return Converted(orjson.dumps(out), tuple(dropped), names, stream, stops)
+    return Converted(orjson.dumps(out), out, tuple(dropped), names, stream, stops)
 
 
 def tool_name(name: str, names: dict[str, str]) -> str:

@@ -33,16 +33,16 @@ class Metrics:
         self.registry = registry
         self.requests = _cached(Counter(
             "llm_proxy_requests_total", "Client requests by outcome.",
-            ("model", "key", "status", "error_type"), registry=registry,
+            ("api", "model", "key", "status", "error_type"), registry=registry,
         ))
         self.duration = _cached(Histogram(
             "llm_proxy_request_duration_seconds", "Client request duration, to the last byte.",
-            ("model", "stream"), buckets=DURATION_BUCKETS, registry=registry,
+            ("api", "model", "stream"), buckets=DURATION_BUCKETS, registry=registry,
         ))
         self.ttft = _cached(Histogram(
             "llm_proxy_time_to_first_token_seconds",
             "From request arrival to the first byte (JSON) or first event (SSE) sent.",
-            ("model", "provider"), buckets=TTFT_BUCKETS, registry=registry,
+            ("api", "model", "provider"), buckets=TTFT_BUCKETS, registry=registry,
         ))
         self.overhead = Histogram(
             "llm_proxy_overhead_seconds",
@@ -59,7 +59,7 @@ class Metrics:
         ))
         self.tokens = _cached(Counter(
             "llm_proxy_tokens_total", "Tokens used, from upstream usage reports.",
-            ("model", "key", "type"), registry=registry,
+            ("api", "model", "key", "type"), registry=registry,
         ))
         self.rejections = _cached(Counter(
             "llm_proxy_ratelimit_rejections_total", "Requests refused by a rate limit or budget.",
@@ -129,22 +129,24 @@ class Metrics:
         return generate_latest(registry)
 
     def record_request(
-        self, *, model: str, key: str, status: int, error_type: str, stream: bool,
+        self, *, api: str, model: str, key: str, status: int, error_type: str, stream: bool,
         duration_s: float, upstream_s: float,
     ) -> None:
-        self.requests((model, key, str(status), error_type)).inc()
-        self.duration((model, "true" if stream else "false")).observe(duration_s)
+        self.requests((api, model, key, str(status), error_type)).inc()
+        self.duration((api, model, "true" if stream else "false")).observe(duration_s)
         self.overhead.observe(max(0.0, duration_s - upstream_s))
 
     def record_attempt(self, *, provider: str | None, account: str | None, outcome: str, duration_s: float) -> None:
         self.upstream_requests((provider or "", account or "", outcome)).inc()
         self.upstream_duration((provider or "",)).observe(duration_s)
 
-    def record_tokens(self, *, model: str, key: str, prompt: int | None, completion: int | None) -> None:
+    def record_tokens(
+        self, *, api: str, model: str, key: str, prompt: int | None, completion: int | None
+    ) -> None:
         if prompt:
-            self.tokens((model, key, "prompt")).inc(prompt)
+            self.tokens((api, model, key, "prompt")).inc(prompt)
         if completion:
-            self.tokens((model, key, "completion")).inc(completion)
+            self.tokens((api, model, key, "completion")).inc(completion)
 
     def refresh_state(
         self, *, inflight: Iterable[StateRow], breakers: Iterable[StateRow],

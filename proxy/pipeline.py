@@ -1,8 +1,10 @@
-"""The request path of `POST /v1/chat/completions`, top to bottom in one place.
+"""The request path of `POST /v1/chat/completions` and `POST /v1/messages`, top to bottom in one place.
 
 authenticate → read body → validate → authorize → admit (limits, budget) → forward (schedule,
 failover, relay) → settle (limits, metrics, access log).
 Each stage fills fields of the `Call` or raises `GatewayError`; errors are rendered here, once.
+What differs per client API (its body, its errors, how providers serve it) is the `ClientApi`
+the route names (`chat_api`, `messages_api`); every stage is the same for both.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from . import errors
 from .admission import admit, settle_limits
 from .call import Call
+from .chat_api import CHAT
+from .clientapi import ClientApi
+from .count_tokens import count_tokens
 from .errors import GatewayError
 from .forward import forward
+from .messages_api import COUNT_TOKENS, MESSAGES
 from .metrics import Metrics
 from .state import STATE, ServerState
-from .validation import parse_chat_request
 
 log = logging.getLogger("llm_proxy.pipeline")
 
@@ -36,8 +42,29 @@ RETRY_CAN_HELP = frozenset({"draining", "circuit_open", "ratelimit_unavailable"}
 
 
 async def handle_chat(request: web.Request) -> web.StreamResponse:
+    return await handle(request, CHAT)
+
+
+async def handle_messages(request: web.Request) -> web.StreamResponse:
+    return await handle(request, MESSAGES)
+
+
+async def handle_count_tokens(request: web.Request) -> web.StreamResponse:
+    return await handle(request, COUNT_TOKENS, count_tokens)
+
+
+async def admit_and_forward(call: Call, request: web.Request) -> web.StreamResponse:
+    """What a request does once authorized: admitted by limits and budget, then forwarded."""
+    await admit(call)
+    return await forward(call, request)
+
+
+Serve = Callable[[Call, web.Request], Awaitable[web.StreamResponse]]
+
+
+async def handle(request: web.Request, api: ClientApi, serve: Serve = admit_and_forward) -> web.StreamResponse:
     state = request.app[STATE]
-    call = Call(gateway=state.gateway, request_id=request_id_of(request), started=time.perf_counter())
+    call = Call(gateway=state.gateway, request_id=request_id_of(request), started=time.perf_counter(), api=api)
     task = request.task  # the task running this handler: what a drain cancels
     state.enter(task, call)
     response: web.StreamResponse | None = None
@@ -48,8 +75,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         call.body = await read_body(request, state.server.max_body_bytes)
         validate(call, request)
         authorize(call)
-        await admit(call)
-        response = await forward(call, request)
+        response = await serve(call, request)  # count_tokens: counted, never admitted or charged
         return response
     except GatewayError as exc:
         response = render_error(call, exc)
@@ -107,16 +133,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 def validate(call: Call, request: web.Request) -> None:
-    chat = parse_chat_request(call.body)
-    call.chat = chat
-    if chat.request_id is not None and "X-Request-Id" not in request.headers:
-        call.request_id = chat.request_id
-    call.session = request.headers.get("x-session-id") or _str_or_none(chat.data.get("user"))
+    parsed = call.api.parse(call.body, request.headers)
+    call.parsed = parsed
+    if parsed.request_id is not None and "X-Request-Id" not in request.headers:
+        call.request_id = parsed.request_id
+    call.session = call.api.session(parsed, request.headers)
 
 
 def authorize(call: Call) -> None:
-    assert call.chat is not None and call.key is not None
-    name = call.chat.model
+    assert call.parsed is not None and call.key is not None
+    name = call.parsed.model
     model = call.gateway.models.get(name)
     if model is None:
         raise errors.model_not_found(name)
@@ -134,9 +160,8 @@ def render_error(call: Call, error: GatewayError) -> web.Response:
     advice = retry_advice(call, error)
     if advice is not None:
         headers["x-should-retry"] = advice
-    return web.Response(
-        status=error.status, body=error.body(), content_type="application/json", headers=headers
-    )
+    status, body = call.api.error_response(error, call.request_id)
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def retry_advice(call: Call, error: GatewayError) -> str | None:
@@ -162,12 +187,13 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
         _record_metrics(call, call.gateway.metrics, duration, ttft)
     if state.access_log is None:
         return
-    chat = call.chat
+    parsed = call.parsed
     state.access_log.write(
         {
             "request_id": call.request_id,
+            "api": call.api.name,
             "key": call.key.name if call.key is not None else None,
-            "model": chat.model if chat is not None else None,
+            "model": parsed.model if parsed is not None else None,
             "provider": call.provider,
             "provider_type": call.provider_type,
             "account": call.account,
@@ -178,7 +204,7 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
             "completion_tokens": call.completion_tokens,
             "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
             "duration_ms": round(duration * 1000, 3),
-            "stream": chat.stream if chat is not None else False,
+            "stream": parsed.stream if parsed is not None else False,
         }
     )
 
@@ -186,14 +212,15 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
 def _record_metrics(call: Call, metrics: Metrics, duration: float, ttft: float | None) -> None:
     model = call.model.name if call.model is not None else "unknown"
     key = call.key.name if call.key is not None else "unknown"
-    stream = call.chat is not None and call.chat.stream
+    stream = call.parsed is not None and call.parsed.stream
+    api = call.api.name
     metrics.record_request(
-        model=model, key=key, status=call.status, error_type=call.error_type or "",
+        api=api, model=model, key=key, status=call.status, error_type=call.error_type or "",
         stream=stream, duration_s=duration, upstream_s=call.upstream_s,
     )
-    metrics.record_tokens(model=model, key=key, prompt=call.prompt_tokens, completion=call.completion_tokens)
+    metrics.record_tokens(api=api, model=model, key=key, prompt=call.prompt_tokens, completion=call.completion_tokens)
     if ttft is not None:
-        metrics.ttft((model, call.provider or "")).observe(ttft)
+        metrics.ttft((api, model, call.provider or "")).observe(ttft)
 
 
 def bearer_token(request: web.BaseRequest) -> str:
@@ -210,6 +237,3 @@ def request_id_of(request: web.BaseRequest) -> str:
         return given
     return f"req_{_ID_PREFIX}{next(_ID_COUNTER):010x}"
 
-
-def _str_or_none(value: object) -> str | None:
-    return value if type(value) is str and value else None

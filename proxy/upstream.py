@@ -2,23 +2,28 @@
 
 Each type (`proxy/providers/…`: openai, azure, gemini, anthropic, mock) builds the upstream request
 from an OpenAI chat request, sends it, classifies a refusal, reads an answer and converts a stream
-into OpenAI's shapes; `forward` never asks which type it talks to. This module holds only the
-interface and its value types; it imports nothing of the request path.
+into OpenAI's shapes; `forward` never asks which type it talks to. A type whose upstream speaks
+Anthropic's Messages API also offers `native_messages()`: the same interface for clients of
+`/v1/messages`, their bytes passed through. This module holds only the interface and its value
+types; it imports nothing of the request path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 from .config import AccountConfig, ModelConfig, ProviderConfig
 from .faults import Verdict
 from .httpmessage import UpstreamFailure
 from .validation import ChatRequest
 
+if TYPE_CHECKING:
+    from .messages_request import MessagesRequest
+
 __all__ = [
-    "Answer", "Exchange", "InBandError", "Outbound", "Prepared", "Provider", "StreamReader",
-    "UpstreamFailure",
+    "Answer", "Exchange", "InBandError", "NativeMessages", "Outbound", "Prepared", "Provider",
+    "StreamReader", "UpstreamFailure",
 ]
 
 
@@ -32,11 +37,18 @@ class Outbound(Protocol):
     def model(self) -> ModelConfig | None: ...
 
     @property
+    def messages(self) -> MessagesRequest | None:
+        """The Anthropic Messages request, when the client spoke that API (`chat` is None then)."""
+
+    @property
     def request_id(self) -> str: ...
 
     def upstream_request(self, upstream_model: str, *, ask_usage: bool = True) -> bytes:
         """The client's bytes for `upstream_model`, changed only where they must be (a stream asks
         for its usage unless `ask_usage` is false)."""
+
+    def upstream_messages(self, upstream_model: str) -> bytes:
+        """The client's Messages request bytes with only `model` changed (when it differs)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +60,8 @@ class Prepared:
     include_usage: bool = False  # the client asked for the usage chunk
     json_mode: bool = False  # response_format emulated by a forced tool (anthropic)
     path: bytes = b""  # the request target, when it differs per request (azure deployments)
+    headers: bytes = b""  # header lines of this request beyond the account's (anthropic-version)
+    client: Any = None  # what the client's API needs to render the answer (conversion state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +111,18 @@ class StreamReader(Protocol):
 
 
 class InBandError(Exception):
-    """An error the upstream reported inside a 200 stream, classified like a status would be."""
+    """An error the upstream reported inside a 200 stream, classified like a status would be.
 
-    def __init__(self, verdict: Verdict, detail: str) -> None:
+    `tail` is what the client still gets after commit when the upstream's own events end the
+    stream in the client's protocol (a pass-through relays the upstream's `event: error` as it
+    came): the events before the error, then the error itself, and no gateway error after it.
+    """
+
+    def __init__(self, verdict: Verdict, detail: str, *, tail: bytes = b"") -> None:
         super().__init__(detail)
         self.verdict = verdict
         self.detail = detail
+        self.tail = tail
 
 
 class Provider(Protocol):
@@ -129,4 +149,16 @@ class Provider(Protocol):
 
     async def probe(self, account: AccountConfig) -> bool: ...
 
+    def native_messages(self) -> NativeMessages | None:
+        """This provider for clients of Anthropic's Messages API when its upstream speaks it (their
+        bytes passed through, answers relayed as they come); None: their requests are converted
+        to chat completions and served by this provider itself."""
+
     async def close(self) -> None: ...
+
+
+class NativeMessages(Provider, Protocol):
+    """A provider whose upstream speaks the Messages API, serving its clients as they are."""
+
+    async def count_tokens(self, account: AccountConfig, prepared: Prepared, request_id: str) -> Exchange:
+        """`POST /v1/messages/count_tokens` with a prepared count_tokens request."""

@@ -56,18 +56,18 @@ async def test_requests_tokens_attempts_and_retries_are_counted(
         assert r.status == 401
     samples = await scrape(http, gateway.url)
     ok = {"model": "gpt-test", "key": "team-a", "status": "200", "error_type": ""}
-    assert value(samples, "llm_proxy_requests_total", **ok) == 4
-    assert value(samples, "llm_proxy_requests_total", model="unknown", key="team-a", status="404", error_type="model_not_found") == 1
-    assert value(samples, "llm_proxy_requests_total", model="unknown", key="unknown", status="401", error_type="invalid_api_key") == 1
-    assert value(samples, "llm_proxy_tokens_total", model="gpt-test", key="team-a", type="prompt") == 20
-    assert value(samples, "llm_proxy_tokens_total", model="gpt-test", key="team-a", type="completion") == 8
+    assert value(samples, "llm_proxy_requests_total", api="chat", **ok) == 4
+    assert value(samples, "llm_proxy_requests_total", api="chat", model="unknown", key="team-a", status="404", error_type="model_not_found") == 1
+    assert value(samples, "llm_proxy_requests_total", api="chat", model="unknown", key="unknown", status="401", error_type="invalid_api_key") == 1
+    assert value(samples, "llm_proxy_tokens_total", api="chat", model="gpt-test", key="team-a", type="prompt") == 20
+    assert value(samples, "llm_proxy_tokens_total", api="chat", model="gpt-test", key="team-a", type="completion") == 8
     bad_attempts = value(samples, "llm_proxy_upstream_requests_total", provider="up0", account="acct0", outcome="bad_response")
     assert bad_attempts >= 1
     assert value(samples, "llm_proxy_upstream_requests_total", provider="up1", account="acct1", outcome="success") == 4
     assert value(samples, "llm_proxy_retries_total", provider="up0", reason="bad_response") == bad_attempts
     assert value(samples, "llm_proxy_overhead_seconds_count") == 6
-    assert value(samples, "llm_proxy_request_duration_seconds_count", model="gpt-test", stream="false") == 4
-    assert value(samples, "llm_proxy_time_to_first_token_seconds_count", model="gpt-test", provider="up1") == 4
+    assert value(samples, "llm_proxy_request_duration_seconds_count", api="chat", model="gpt-test", stream="false") == 4
+    assert value(samples, "llm_proxy_time_to_first_token_seconds_count", api="chat", model="gpt-test", provider="up1") == 4
     assert value(samples, "llm_proxy_account_available", provider="up1", account="acct1") == 1
     assert value(samples, "llm_proxy_breaker_state", provider="up1", account="*") == 0
     assert value(samples, "llm_proxy_inflight_requests", provider="up0", account="acct0") == 0
@@ -81,9 +81,9 @@ async def test_stream_tokens_and_ttft(http: Any, upstream: Upstream, start_gatew
         assert r.status == 200
         await r.read()
     samples = await scrape(http, gateway.url)
-    assert value(samples, "llm_proxy_tokens_total", model="gpt-test", key="team-a", type="completion") == 2
-    assert value(samples, "llm_proxy_request_duration_seconds_count", model="gpt-test", stream="true") == 1
-    assert value(samples, "llm_proxy_time_to_first_token_seconds_count", model="gpt-test", provider="up0") == 1
+    assert value(samples, "llm_proxy_tokens_total", api="chat", model="gpt-test", key="team-a", type="completion") == 2
+    assert value(samples, "llm_proxy_request_duration_seconds_count", api="chat", model="gpt-test", stream="true") == 1
+    assert value(samples, "llm_proxy_time_to_first_token_seconds_count", api="chat", model="gpt-test", provider="up0") == 1
 
 
 async def test_metrics_can_be_switched_off(http: Any, upstream: Upstream, start_gateway: Any) -> None:

@@ -4,7 +4,8 @@ Glue only: the request, answer, stream and error conversions are the pure functi
 `anthropic_request`, `anthropic_answer`, `anthropic_stream` and `anthropic_errors`; this module
 sends to `{base_url}/v1/messages` with `x-api-key`, `anthropic-version` and `anthropic-beta`,
 turns their failures into the seam's (`UpstreamFailure`, `InBandError`) and counts what the
-conversion dropped or repaired.
+conversion dropped or repaired. Clients of the Messages API are served by `native_messages()`,
+the pass-through of `anthropic_passthrough`, on the same transport.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from ..httpmessage import UpstreamFailure
 from ..metrics import Metrics
 from ..upstream import Answer, Exchange, InBandError, Outbound, Prepared, StreamReader
 from .anthropic_answer import from_anthropic
+from .anthropic_passthrough import AnthropicPassThrough, anthropic_headers
 from .anthropic_errors import caller_error, classify_anthropic, classify_in_band, upstream_request_id
 from .anthropic_request import to_anthropic
 from .anthropic_stream import AnthropicStream, AnthropicStreamError
-from .transport import Carrier, Transport, header_value
+from .transport import Carrier, Transport
 
 
 class AnthropicProvider:
@@ -33,13 +35,12 @@ class AnthropicProvider:
     ) -> None:
         self.config = config
         self._metrics = metrics
-        extra = b"anthropic-version: " + header_value(config.anthropic_version) + b"\r\n"
-        if config.anthropic_beta:
-            extra += b"anthropic-beta: " + header_value(",".join(config.anthropic_beta)) + b"\r\n"
         self.transport = transport or Transport(
-            config, auth=lambda key: b"x-api-key: " + key + b"\r\n", probe_path="/v1/models", extra=extra
+            config, auth=lambda key: b"x-api-key: " + key + b"\r\n", probe_path="/v1/models"
         )
         self._messages = self.transport.target("/v1/messages")
+        self._headers = anthropic_headers(config, version=None, beta=None)
+        self._native = AnthropicPassThrough(self)
 
     def prepare(self, call: Outbound, upstream_model: str) -> Prepared:
         chat, model = call.chat, call.model
@@ -54,11 +55,11 @@ class AnthropicProvider:
                 self._metrics.conversion_repairs((self.config.name, kind)).inc()
         return Prepared(
             body=converted.body, stream=converted.stream, include_usage=converted.include_usage,
-            json_mode=converted.json_mode,
+            json_mode=converted.json_mode, headers=self._headers,
         )
 
     async def send(self, account: AccountConfig, prepared: Prepared, request_id: str) -> Exchange:
-        return await self.transport.post(account, self._messages, prepared.body, request_id)
+        return await self.transport.post(account, self._messages, prepared.body, request_id, prepared.headers)
 
     def classify(
         self, status: int, headers: Mapping[str, str], body: bytes, now: float, *, wall_now: float
@@ -85,6 +86,9 @@ class AnthropicProvider:
 
     async def probe(self, account: AccountConfig) -> bool:
         return await self.transport.probe(account)
+
+    def native_messages(self) -> AnthropicPassThrough:
+        return self._native
 
     async def close(self) -> None:
         await self.transport.close()

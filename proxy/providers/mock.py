@@ -81,9 +81,14 @@ class MockTransport:
     def target(self, path: str) -> bytes:
         return path.encode()
 
-    async def post(self, account: AccountConfig, target: bytes, body: bytes, request_id: str) -> MockExchange:
+    async def post(
+        self, account: AccountConfig, target: bytes, body: bytes, request_id: str, headers: bytes = b""
+    ) -> MockExchange:
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
+        if target.endswith(b"/count_tokens"):  # Anthropic's count_tokens: the prompt estimate
+            count = {"input_tokens": max(1, len(body) // 4)}
+            return MockExchange(chunks=[orjson.dumps(count)], stream=False, delay_s=0)
         reply = Reply(orjson.loads(body), len(body))
         chunks = self._render(reply)
         return MockExchange(chunks=chunks, stream=reply.stream, delay_s=self._delay_s if reply.stream else 0)

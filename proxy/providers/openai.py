@@ -33,7 +33,9 @@ class OpenAIProvider:
         return Prepared(body=body, stream=chat.stream, include_usage=chat.usage_requested)
 
     async def send(self, account: AccountConfig, prepared: Prepared, request_id: str) -> Exchange:
-        return await self.transport.post(account, prepared.path or self._chat, prepared.body, request_id)
+        return await self.transport.post(
+            account, prepared.path or self._chat, prepared.body, request_id, prepared.headers
+        )
 
     def classify(
         self, status: int, headers: Mapping[str, str], body: bytes, now: float, *, wall_now: float
@@ -51,6 +53,9 @@ class OpenAIProvider:
 
     async def probe(self, account: AccountConfig) -> bool:
         return await self.transport.probe(account)
+
+    def native_messages(self) -> None:
+        return None  # Messages clients are converted to chat completions
 
     async def close(self) -> None:
         await self.transport.close()

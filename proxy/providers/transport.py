@@ -28,7 +28,10 @@ class Carrier(Protocol):
 
     def target(self, path: str) -> bytes: ...
 
-    async def post(self, account: AccountConfig, target: bytes, body: bytes, request_id: str) -> Exchange: ...
+    async def post(
+        self, account: AccountConfig, target: bytes, body: bytes, request_id: str, headers: bytes = b""
+    ) -> Exchange:
+        """`headers`: whole header lines of this request beyond the account's."""
 
     async def probe(self, account: AccountConfig) -> bool: ...
 
@@ -52,10 +55,12 @@ class Transport:
     def target(self, path: str) -> bytes:
         return self.pool.target(path)
 
-    async def post(self, account: AccountConfig, target: bytes, body: bytes, request_id: str) -> Response:
+    async def post(
+        self, account: AccountConfig, target: bytes, body: bytes, request_id: str, headers: bytes = b""
+    ) -> Response:
         # request ids are printable by construction (checked where they enter, or generated)
-        headers = self._headers[account.name] + b"X-Request-Id: " + request_id.encode() + b"\r\n"
-        return await self.pool.request(b"POST", target, headers, body)
+        lines = self._headers[account.name] + headers + b"X-Request-Id: " + request_id.encode() + b"\r\n"
+        return await self.pool.request(b"POST", target, lines, body)
 
     async def probe(self, account: AccountConfig) -> bool:
         """GET the probe path with the account's credentials only: whether it answers 2xx."""
