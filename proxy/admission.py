@@ -23,10 +23,10 @@ _HEADER_KINDS = {
 def reservation(call: Call) -> int:
     """Tokens reserved up front: the prompt at ~4 bytes a token (the body's size, a cheap upper
     estimate) plus n × the completion cap the request names, or the model's default."""
-    chat, model = call.chat, call.model
-    assert chat is not None and model is not None
-    completion = chat.max_tokens or model.default_max_tokens
-    return len(call.body) // 4 + max(1, chat.n) * completion
+    parsed, model = call.parsed, call.model
+    assert parsed is not None and model is not None
+    completion = parsed.max_tokens or model.default_max_tokens
+    return len(call.body) // 4 + max(1, parsed.n) * completion
 
 
 async def admit(call: Call) -> None:
