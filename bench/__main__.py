@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import conversion, report, scenarios, stream_scenarios
+from . import conversion, messages, report, scenarios, stream_scenarios
 from .harness import FULL, QUICK, Bench, Params
 from .procs import Cores, Procs, raise_open_files
 from .upstreams import TOOLS, missing_tools
@@ -54,6 +54,7 @@ SCENARIOS: dict[str, Scenario] = {
     "e": lambda bench, shared: scenarios.body_sizes(bench),
     "f": lambda bench, shared: scenarios.workers(bench),
     "g": lambda bench, shared: conversion.converted(bench),
+    "h": lambda bench, shared: messages.messages(bench),
 }
 
 

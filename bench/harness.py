@@ -23,7 +23,7 @@ import uvloop
 from .configs import DEFAULT, Step, gateway_config, write_config
 from .load import run_wrk
 from .procs import Cores, Proc, ProcError, Procs, core_busy_seconds, free_port, wait_listening
-from .streams import stream_load, summarize
+from .streams import DONE, stream_load, summarize
 from .upstreams import redis_commands, start_nginx, start_redis, start_sse
 
 MIB = 1024 * 1024
@@ -183,7 +183,9 @@ class Bench:
                  + (f", {result.errors} errors" if result.errors else ""))
         return row
 
-    def measure_streams(self, hop: Hop | None, url: str, body: bytes, label: str) -> dict[str, Any]:
+    def measure_streams(
+        self, hop: Hop | None, url: str, body: bytes, label: str, *, done: bytes = DONE
+    ) -> dict[str, Any]:
         """`stream_concurrency` streams back to back: warm-up, then measured; CPU µs per completed
         stream of `hop`'s process tree."""
         params = self.params
@@ -193,7 +195,7 @@ class Bench:
 
         samples, seconds, (before, after) = uvloop.run(stream_load(
             url, body, concurrency=params.stream_concurrency, warmup_s=params.warmup_s,
-            seconds=params.seconds, probe=probe,
+            seconds=params.seconds, probe=probe, done=done,
         ))
         row = summarize(samples, seconds)
         row["errors_total"] = sum(row["errors"].values())

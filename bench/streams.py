@@ -37,9 +37,10 @@ class StreamSample:
 
 async def one_stream(
     session: aiohttp.ClientSession, url: str, body: bytes,
-    on_first_byte: Callable[[], None] | None = None,
+    on_first_byte: Callable[[], None] | None = None, done: bytes = DONE,
 ) -> StreamSample:
-    """One streamed request read to its end; `on_first_byte` runs when the first data arrives."""
+    """One streamed request read to its end; `on_first_byte` runs when the first data arrives;
+    `done` is the end marker of the stream's protocol."""
     sample = StreamSample()
     started = last = time.perf_counter()
     tail = b""
@@ -59,13 +60,13 @@ async def one_stream(
                 last = now
                 sample.reads += 1
                 sample.events += chunk.count(b"\n\n")
-                sample.done = sample.done or DONE in tail + chunk
-                tail = chunk[-16:]
+                sample.done = sample.done or done in tail + chunk
+                tail = chunk[-24:]
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         sample.error = type(exc).__name__
     sample.total_s = time.perf_counter() - started
     if not sample.done and not sample.error:
-        sample.error = "ended without [DONE]"
+        sample.error = "ended without its end marker"
     return sample
 
 
@@ -79,7 +80,7 @@ def _session(timeout_s: float) -> aiohttp.ClientSession:
 
 async def stream_load(
     url: str, body: bytes, *, concurrency: int, warmup_s: float, seconds: float,
-    probe: Callable[[], T],
+    probe: Callable[[], T], done: bytes = DONE,
 ) -> tuple[list[StreamSample], float, tuple[T, T]]:
     """`concurrency` streams back to back for warmup + seconds.
 
@@ -93,7 +94,7 @@ async def stream_load(
 
     async def worker(session: aiohttp.ClientSession) -> None:
         while loop.time() < end:
-            sample = await one_stream(session, url, body)
+            sample = await one_stream(session, url, body, done=done)
             if measuring:
                 samples.append(sample)
 

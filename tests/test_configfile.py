@@ -662,15 +662,16 @@ def test_load_config_reports_an_unreadable_file(tmp_path: Path) -> None:
 def test_demo_config_loads() -> None:
     config = parse_config((DEPLOY / "demo.yaml").read_text(encoding="utf-8"), {})
     assert (config.server.host, config.server.port, config.redis.url) == ("127.0.0.1", 8080, "")
-    assert list(config.providers) == ["mock"]
+    assert list(config.providers) == ["mock", "mock-claude"]
+    assert (config.providers["mock-claude"].type, config.providers["mock-claude"].imitate) == ("mock", "anthropic")
     mock = config.providers["mock"]
     assert (mock.type, mock.chunk_delay_ms, mock.accounts) == (
         "mock",
         20.0,
         (AccountConfig("mock"),),
     )
-    assert list(config.models) == ["demo-chat", "gpt-4o-mini"]
-    assert all(m.targets[0].provider == "mock" for m in config.models.values())
+    assert list(config.models) == ["demo-chat", "gpt-4o-mini", "claude-demo"]
+    assert [m.targets[0].provider for m in config.models.values()] == ["mock", "mock", "mock-claude"]
     assert [key.name for key in config.keys] == ["demo"]
     assert config.keys[0].key_sha256 == hashlib.sha256(b"sk-demo").hexdigest()
     other = parse_config((DEPLOY / "demo.yaml").read_text(encoding="utf-8"), {"DEMO_KEY": "k2"})

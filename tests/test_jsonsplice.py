@@ -122,7 +122,7 @@ def test_untouched_members_keep_their_bytes(members: dict[str, Any], layout: dic
 
 def upstream_request(body: bytes, upstream_model: str) -> bytes:
     call = Call(gateway=cast(Any, None), request_id="req_test", started=0.0)
-    call.body, call.chat = body, parse_chat_request(body)
+    call.body, call.parsed = body, parse_chat_request(body)
     return call.upstream_request(upstream_model)
 
 
@@ -209,7 +209,7 @@ def test_nothing_to_change_forwards_the_clients_bytes() -> None:
 def test_rewrite_is_made_once_per_upstream_model() -> None:
     body = b'{"model":"gpt-test","messages":' + MESSAGES + b"}"
     call = Call(gateway=cast(Any, None), request_id="req_test", started=0.0)
-    call.body, call.chat = body, parse_chat_request(body)
+    call.body, call.parsed = body, parse_chat_request(body)
     first = call.upstream_request("a")
     assert call.upstream_request("a") is first
     assert call.upstream_request("b") == b'{"model":"b","messages":' + MESSAGES + b"}"
@@ -230,7 +230,7 @@ def test_stream_options_too_deep_for_msgspec_is_still_extended() -> None:
 def test_body_the_splice_refuses_is_re_encoded_not_refused() -> None:
     # parsers disagreeing is made up here: the body is not what was parsed
     call = Call(gateway=cast(Any, None), request_id="req_test", started=0.0)
-    call.chat = parse_chat_request(b'{"model":"gpt-test","messages":' + MESSAGES + b',"seed":1.0}')
+    call.parsed = parse_chat_request(b'{"model":"gpt-test","messages":' + MESSAGES + b',"seed":1.0}')
     call.body = b"not what orjson read"
     sent = call.upstream_request("up")
     assert sent == b'{"model":"up","messages":' + MESSAGES + b',"seed":1.0}'

@@ -39,8 +39,8 @@ from proxy.config import (
     Timeouts,
 )
 
-from .conftest import KEY, OTHER_KEY, Upstream, sse_chunk
-from .fakeanthropic import API_KEY, ErrorReply, FakeAnthropic, Reply, text, thinking, tool_use, usage
+from .conftest import KEY, OTHER_KEY, Upstream
+from .fakeanthropic import API_KEY, ErrorReply, FakeAnthropic, Reply, sse, stream_events, text, thinking, tool_use, usage
 
 PATIENT = BreakerConfig(consecutive_failures=1000, min_requests=1000)
 TIMEOUTS = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=20)
@@ -196,7 +196,6 @@ async def test_a_stream_is_relayed_event_for_event(start_gateway: Any, fake: tup
     body = {"model": "claude-sonnet", "max_tokens": 64, "messages": HI, "stream": True}
     async with http.post(f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"}) as response:
         relayed = await response.read()
-    from .fakeanthropic import sse, stream_events
     expected = b"".join(sse(e) for e in stream_events(reply, {
         "id": "msg_fake0002", "type": "message", "role": "assistant", "model": "claude-up-1", "content": reply.content,
         "stop_reason": reply.stop_reason, "stop_sequence": None, "usage": reply.usage}))
@@ -673,3 +672,31 @@ async def test_metrics_and_access_log_name_the_api(start_gateway: Any, fake: tup
     exposition = await (await http.get(f"{gateway.url}/metrics")).text()
     assert 'llm_proxy_requests_total{api="messages",error_type="",key="team-a",model="claude-sonnet",status="200"} 1.0' in exposition
     assert 'llm_proxy_tokens_total{api="messages",key="team-a",model="claude-sonnet",type="prompt"} 12.0' in exposition
+
+
+async def test_count_tokens_relays_the_upstream_or_estimates(start_gateway: Any, fake: tuple[FakeAnthropic, str], http: Any) -> None:
+    upstream, url = fake
+    gateway = await start_gateway(config(claude("c", url, "ok-1")))
+    counted = await client(gateway).messages.count_tokens(model="claude-sonnet", messages=HI, system="be brief")
+    sent = upstream.requests[-1]
+    assert counted.input_tokens == len(sent.body) // 4  # the fake's figure, relayed
+    assert sent.json == {"model": "claude-up-1", "messages": HI, "system": "be brief"}
+    with pytest.raises(anthropic.BadRequestError) as raised:  # the upstream's caller fault, unchanged
+        await client(gateway).messages.count_tokens(model="claude-sonnet", messages=HI, extra_body={"seed": 1})
+    assert raised.value.body["error"]["message"] == "seed: Extra inputs are not permitted"  # type: ignore[index]
+    broken = await start_gateway(config(claude("c", url, "bad-key")))
+    estimated = await client(broken).messages.count_tokens(model="claude-sonnet", messages=HI)
+    assert estimated.input_tokens > 0  # the account refused (401): estimated, never 0
+    assert upstream.requests[-1].headers["x-api-key"] == "sk-ant-bad-key"
+    async with http.post(f"{gateway.url}/v1/messages/count_tokens", json={"model": "claude-sonnet"},
+                         headers={"x-api-key": KEY}) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_404_from_an_anthropic_account_fails_over(start_gateway: Any, fake: tuple[FakeAnthropic, str]) -> None:
+    upstream, url = fake
+    upstream.script(ErrorReply(404, "not_found_error", "model: claude-up-1"))
+    gateway = await start_gateway(config(claude("c", url, "ok-1"), claude("d", url, "ok-2")))
+    message = await client(gateway).messages.create(model="claude-sonnet", max_tokens=5, messages=HI)
+    assert message.content[0].text == "Hello there" and len(upstream.requests) == 2  # type: ignore[union-attr]

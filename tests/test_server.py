@@ -39,10 +39,11 @@ async def test_access_log_has_one_line_per_request_without_secrets(serve: Any) -
     assert await process.stop() == 0
     lines = [orjson.loads(line) for line in process.stdout.splitlines()]
     assert [(line["status"], line["stream"]) for line in lines] == [(200, False), (200, True), (401, False)]
-    fields = {"time", "request_id", "key", "model", "provider", "provider_type", "account", "attempts",
+    fields = {"time", "request_id", "api", "key", "model", "provider", "provider_type", "account", "attempts",
               "status", "error_type", "prompt_tokens", "completion_tokens", "ttft_ms", "duration_ms", "stream"}
     assert all(set(line) == fields for line in lines)
     assert [line["provider_type"] for line in lines] == ["mock", "mock", None]
+    assert [line["api"] for line in lines] == ["chat", "chat", "chat"]
     assert lines[0]["key"] == "tester" and lines[0]["completion_tokens"] == 5
     assert lines[1]["completion_tokens"] == 5, "usage of a stream is read from its usage chunk"
     assert lines[2]["error_type"] == "invalid_api_key"
