@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import orjson
 
 from .config import AccountConfig, ModelConfig
-from .errors import GatewayError
+from .errors import GatewayError, invalid_value
 from .faults import Fault, Verdict
 from .httpmessage import UpstreamFailure
 from .messages_answer import to_anthropic_answer
@@ -50,7 +50,7 @@ class MessagesApi:
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> MessagesRequest:
         return parse_messages_request(
-            body, version=headers.get("anthropic-version"), beta=headers.get("anthropic-beta")
+            body, version=anthropic_header(headers, "anthropic-version"), beta=anthropic_header(headers, "anthropic-beta")
         )
 
     def session(self, parsed: Any, headers: Mapping[str, str]) -> str | None:
@@ -80,13 +80,21 @@ class CountTokensApi(MessagesApi):
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> MessagesRequest:
         return parse_messages_request(
-            body, version=headers.get("anthropic-version"), beta=headers.get("anthropic-beta"),
-            count_only=True,
+            body, version=anthropic_header(headers, "anthropic-version"),
+            beta=anthropic_header(headers, "anthropic-beta"), count_only=True,
         )
 
 
 MESSAGES = MessagesApi()
 COUNT_TOKENS = CountTokensApi()
+
+
+def anthropic_header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header forwarded to an Anthropic upstream: printable ASCII (its values are), else 400."""
+    value = headers.get(name)
+    if value is not None and not (value.isascii() and value.isprintable()):
+        raise invalid_value(name, f"The `{name}` header must be printable ASCII.")
+    return value
 
 
 def anthropic_error(status: int) -> tuple[int, str]:

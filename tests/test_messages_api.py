@@ -700,3 +700,16 @@ async def test_a_404_from_an_anthropic_account_fails_over(start_gateway: Any, fa
     gateway = await start_gateway(config(claude("c", url, "ok-1"), claude("d", url, "ok-2")))
     message = await client(gateway).messages.create(model="claude-sonnet", max_tokens=5, messages=HI)
     assert message.content[0].text == "Hello there" and len(upstream.requests) == 2  # type: ignore[union-attr]
+
+
+async def test_headers_that_cannot_be_forwarded_are_refused(start_gateway: Any, fake: tuple[FakeAnthropic, str], http: Any) -> None:
+    upstream, url = fake
+    gateway = await start_gateway(config(claude("c", url, "ok-1")))
+    body = orjson.dumps({"model": "claude-sonnet", "max_tokens": 5, "messages": HI})
+    for name in ("anthropic-beta", "anthropic-version"):
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            headers = {"x-api-key": KEY, name: "caf\u00e9".encode().decode("latin-1")}  # not ASCII on the wire
+            async with http.post(f"{gateway.url}{path}", data=body, headers=headers) as response:
+                assert response.status == 400, (name, path)
+                assert (await response.json())["error"]["type"] == "invalid_request_error"
+    assert upstream.requests == []
