@@ -130,7 +130,10 @@ class ConvertedMessages:
         if self._metrics is not None:
             for param in converted.dropped:
                 self._metrics.conversion_dropped((self.config.name, param)).inc()
-        view = _ChatView(ChatRequest(converted.data), model, call.request_id, converted.body)
+        # the chat request as a client that did not ask for the usage chunk: the provider adds it
+        # where its upstream can send it (and takes it out of the stream, usage read)
+        data = {k: v for k, v in converted.data.items() if k != "stream_options"}
+        view = _ChatView(ChatRequest(data), model, call.request_id, converted.body)
         inner = self._provider.prepare(view, upstream_model)
         rendering = _Rendering(
             model=messages.model, tool_names=converted.tool_names, stop_sequences=converted.stop_sequences,
@@ -195,10 +198,10 @@ class _ChatView:
 
     def upstream_request(self, upstream_model: str, *, ask_usage: bool = True) -> bytes:
         # built for `upstream_model`, usage asked for on streams: only an upstream that cannot
-        # take `stream_options` gets it without (its usage is then estimated)
-        if ask_usage or "stream_options" not in self.chat.data:
+        # take `stream_options` gets it without (the stream is then settled on its reservation)
+        if ask_usage or not self.chat.stream:
             return self._body
-        return orjson.dumps({k: v for k, v in self.chat.data.items() if k != "stream_options"})
+        return orjson.dumps(self.chat.data)
 
     def upstream_messages(self, upstream_model: str) -> bytes:
         raise AssertionError("a converted request has no Messages body")
@@ -223,9 +226,11 @@ class _Converting:
         return usage if usage is not None else self._outer.usage
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._inner.feed(chunk)
+        inner = self._inner
+        data = inner.feed(chunk)
         if not data:
             return b""
+        self._outer.take_usage(inner.usage)  # before [DONE] reaches it: message_delta carries it
         try:
             return self._outer.feed(data)
         except MessagesStreamError as exc:

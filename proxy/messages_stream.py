@@ -54,7 +54,7 @@ class MessagesStream:
 
     __slots__ = (
         "model", "tool_names", "input_tokens", "done", "committed", "_scanner", "_held", "_blocks",
-        "_open", "_open_tool", "_tools", "_late", "_finish", "_id",
+        "_open", "_open_tool", "_tools", "_late", "_finish", "_id", "_reported",
     )
 
     def __init__(self, *, model: str, tool_names: Mapping[str, str], input_tokens: int) -> None:
@@ -64,6 +64,7 @@ class MessagesStream:
         self.done = False
         self.committed = False
         self._scanner = SseScanner(strip_usage=False)
+        self._reported: dict[str, Any] | None = None
         self._held = b""  # message_start, until the first block
         self._blocks = 0  # blocks started: the next one's index
         self._open: str | None = None  # the open block's kind: text, thinking or tool_use
@@ -75,8 +76,14 @@ class MessagesStream:
 
     @property
     def usage(self) -> dict[str, Any] | None:
-        """OpenAI-shaped, from the include_usage chunk: what settlement reads."""
-        return self._scanner.usage
+        """OpenAI-shaped, from the include_usage chunk (or as `take_usage` was told it): what
+        settlement reads and message_delta carries."""
+        return self._reported if self._reported is not None else self._scanner.usage
+
+    def take_usage(self, usage: dict[str, Any] | None) -> None:
+        """The upstream's usage as a reader before this one took it out of the stream."""
+        if usage is not None:
+            self._reported = usage
 
     @property
     def pending(self) -> bytes:
