@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from .errors import invalid, invalid_value, unsupported_field
-from .validation import REDIRECTING_FIELDS
+from .validation import parse_body
 
 ROLES = ("user", "assistant")
 MAX_TOOL_NAME = 64  # OpenAI's limit on function names
@@ -67,15 +67,7 @@ def parse_messages_request(
     body: bytes, *, version: str | None = None, beta: str | None = None, count_only: bool = False
 ) -> MessagesRequest:
     """The body parsed and validated; `count_only` for count_tokens, which takes no `max_tokens`."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise invalid("invalid_json", "The request body is not valid JSON.") from None
-    if type(data) is not dict:
-        raise invalid("invalid_json", "The request body must be a JSON object.")
-    for name in REDIRECTING_FIELDS:
-        if name in data:
-            raise unsupported_field(name, f"The field `{name}` is not accepted by this gateway.")
+    data = parse_body(body)
     validate_messages(data, count_only=count_only)
     return MessagesRequest(data, version=version, beta=beta)
 

@@ -56,6 +56,15 @@ class ChatRequest:
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
+    data = parse_body(body)
+    _check_model_and_messages(data)
+    _check_ranges(data)
+    _check_shapes(data)
+    return ChatRequest(data)
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, without a field that would redirect it (either API)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -67,10 +76,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             raise invalid(
                 "unsupported_field", f"The field `{name}` is not accepted by this gateway.", name
             )
-    _check_model_and_messages(data)
-    _check_ranges(data)
-    _check_shapes(data)
-    return ChatRequest(data)
+    return data
 
 
 def _check_model_and_messages(data: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from proxy.config import (
     Timeouts,
 )
 
-from .conftest import KEY, OTHER_KEY, Upstream
+from .conftest import KEY, OTHER_KEY, Upstream, completion_handler, stream_handler
 from .fakeanthropic import API_KEY, ErrorReply, FakeAnthropic, Reply, sse, stream_events, text, thinking, tool_use, usage
 
 PATIENT = BreakerConfig(consecutive_failures=1000, min_requests=1000)
@@ -471,18 +471,6 @@ def answers(*bodies: bytes) -> Any:
     return handle
 
 
-def streamed(events: list[bytes]) -> Any:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for event in events:
-            await response.write(event)
-        await response.write_eof()
-        return response
-
-    return handle
-
-
 def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: Any = None) -> bytes:
     payload: dict[str, Any] = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 1700000000, "model": "o",
                                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -560,7 +548,7 @@ async def test_a_converted_stream_with_parallel_tools(start_gateway: Any, upstre
             call.update(id=id, type="function")
         return {"tool_calls": [call]}
 
-    upstream.handler = streamed([
+    upstream.handler = stream_handler([
         chunk({"role": "assistant", "content": ""}),
         chunk({"content": "Checking both."}),
         chunk(tool(0, id="call_a", name="weather", args='{"ci')),
@@ -585,7 +573,7 @@ async def test_a_converted_stream_with_parallel_tools(start_gateway: Any, upstre
 
 
 async def test_a_converted_stream_has_every_event_named(start_gateway: Any, upstream: Upstream, http: Any) -> None:
-    upstream.handler = streamed([chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi"}), chunk({}, "stop"),
+    upstream.handler = stream_handler([chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi"}), chunk({}, "stop"),
                                  chunk(None, usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}),
                                  b"data: [DONE]\n\n"])
     gateway = await start_gateway(config(openai_format("o", upstream.url, "a1")))
@@ -603,7 +591,7 @@ async def test_a_converted_stream_has_every_event_named(start_gateway: Any, upst
 async def test_a_converted_upstreams_caller_fault_is_anthropic_shaped(start_gateway: Any, upstream: Upstream) -> None:
     error = {"error": {"message": "This model's maximum context length is 128000 tokens.", "type": "invalid_request_error",
                        "param": "messages", "code": "context_length_exceeded"}}
-    upstream.handler = answers_with_status(400, orjson.dumps(error))
+    upstream.handler = completion_handler(400, orjson.dumps(error))
     gateway = await start_gateway(config(openai_format("o", upstream.url, "a1")))
     with pytest.raises(anthropic.BadRequestError) as raised:
         await client(gateway).messages.create(model="claude-sonnet", max_tokens=5, messages=HI)
@@ -611,18 +599,11 @@ async def test_a_converted_upstreams_caller_fault_is_anthropic_shaped(start_gate
         "type": "invalid_request_error", "message": "This model's maximum context length is 128000 tokens."}}
 
 
-def answers_with_status(status: int, body: bytes) -> Any:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=status, body=body, content_type="application/json")
-
-    return handle
-
-
 async def test_a_converted_stream_error_before_content_fails_over(start_gateway: Any, make_upstream: Any) -> None:
     broken, good = await make_upstream(), await make_upstream()
-    broken.handler = streamed([chunk({"role": "assistant", "content": ""}),
+    broken.handler = stream_handler([chunk({"role": "assistant", "content": ""}),
                                b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'])
-    good.handler = streamed([chunk({"role": "assistant", "content": ""}), chunk({"content": "served"}), chunk({}, "stop"),
+    good.handler = stream_handler([chunk({"role": "assistant", "content": ""}), chunk({"content": "served"}), chunk({}, "stop"),
                              b"data: [DONE]\n\n"])
     gateway = await start_gateway(config(openai_format("o", broken.url, "a1"), openai_format("p", good.url, "a2")))
     async with client(gateway).messages.stream(model="claude-sonnet", max_tokens=64, messages=HI) as stream:
@@ -631,7 +612,7 @@ async def test_a_converted_stream_error_before_content_fails_over(start_gateway:
 
 
 async def test_claude_code_traffic_converts_cleanly(start_gateway: Any, upstream: Upstream, http: Any) -> None:
-    upstream.handler = streamed([chunk({"role": "assistant", "content": ""}), chunk({"content": "Done."}), chunk({}, "stop"),
+    upstream.handler = stream_handler([chunk({"role": "assistant", "content": ""}), chunk({"content": "Done."}), chunk({}, "stop"),
                                  chunk(None, usage={"prompt_tokens": 900, "completion_tokens": 2, "total_tokens": 902}),
                                  b"data: [DONE]\n\n"])
     gateway = await start_gateway(config(openai_format("o", upstream.url, "a1"), upstream_model="gpt-up"))
