@@ -154,13 +154,14 @@ def authorize(call: Call) -> None:
 
 
 def render_error(call: Call, error: GatewayError) -> web.Response:
-    call.status = error.status
+    """The error as the client's API shapes it; logged with the status the client got."""
     call.error_type = error.code
     headers = call.response_headers(error.headers())
     advice = retry_advice(call, error)
     if advice is not None:
         headers["x-should-retry"] = advice
     status, body = call.api.error_response(error, call.request_id)
+    call.status = status
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
