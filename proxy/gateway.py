@@ -13,6 +13,7 @@ import random
 from .accounts import Accounts
 from .buckets import BucketTables
 from .config import Config, KeyConfig, ModelConfig
+from .guardrails.rules import Guardrails
 from .metrics import Metrics
 from . import providers
 from .ratelimit import Limiter
@@ -39,6 +40,7 @@ class Gateway:
         self.buckets = BucketTables(config, divisor)
         self.keys: dict[str, KeyConfig] = {key.key_sha256: key for key in config.keys}
         self.models: dict[str, ModelConfig] = dict(config.models)
+        self.guardrails = Guardrails(config.guardrails)  # compiled per config: a reload recompiles
         # what forward tries per client model, in order: the model, then its fallbacks
         self.routes: dict[str, tuple[ModelConfig, ...]] = {
             m.name: (m, *(config.models[name] for name in m.fallbacks)) for m in config.models.values()

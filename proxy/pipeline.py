@@ -1,7 +1,7 @@
 """The request path of `POST /v1/chat/completions`, top to bottom in one place.
 
-authenticate → read body → validate → authorize → admit (limits, budget) → forward (schedule,
-failover, relay) → settle (limits, metrics, access log).
+authenticate → read body → validate → authorize → guardrails → admit (limits, budget) → forward
+(schedule, failover, relay) → settle (limits, metrics, access log).
 Each stage fills fields of the `Call` or raises `GatewayError`; errors are rendered here, once.
 """
 
@@ -20,6 +20,7 @@ from .admission import admit, settle_limits
 from .call import Call
 from .errors import GatewayError
 from .forward import forward
+from .guardrails.stage import guard_request
 from .metrics import Metrics
 from .state import STATE, ServerState
 from .validation import parse_chat_request
@@ -48,6 +49,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         call.body = await read_body(request, state.server.max_body_bytes)
         validate(call, request)
         authorize(call)
+        await guard_request(call, api="chat")
         await admit(call)
         response = await forward(call, request)
         return response
@@ -179,6 +181,7 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
             "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
             "duration_ms": round(duration * 1000, 3),
             "stream": chat.stream if chat is not None else False,
+            "guardrails": call.guardrails,
         }
     )
 
