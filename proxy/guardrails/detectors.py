@@ -195,6 +195,8 @@ def _is_phone(candidate: str, digits: str) -> bool:
     # an order number, an id or a timestamp far more often than a phone number.
     if candidate == digits or len(digits) < 9:
         return False
+    if candidate.count(".") == 1 and len(candidate) == len(digits) + 1:
+        return False  # a decimal number
     return _national(digits)
 
 
