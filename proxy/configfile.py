@@ -330,7 +330,7 @@ def _read_guardrail(name: str, r: Reader) -> GuardrailConfig:
     if guardrail.type == "regex":
         if categories is not None:
             r.report("categories", "only for type pii (a regex guardrail's categories are its patterns' names)")
-        if not patterns:
+        if not r.data.get("patterns"):
             r.report("patterns", "at least one pattern is required for type regex")
     elif patterns:
         r.report("patterns", "only for type regex")
