@@ -57,9 +57,11 @@ _SHAPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
      r"[\p{L}\p{N}._%+\-]+@[\p{L}\p{N}\-]+(?:\.[\p{L}\p{N}\-]+)*\.\p{L}{2,}"),
     ("iban", ("iban",), r"\b[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,3})?\b"),
     ("ipv4", ("ip_address",), r"\b(?:\d{1,3}\.){3}\d{1,3}\b"),
-    ("ipv6", ("ip_address",), rf"(?:\b{_HEX}|::)(?:::?{_HEX}){{1,7}}(?:::)?"),
+    # two colons at least (a time of day has one), or a compressed `fe80::1`
+    ("ipv6", ("ip_address",), rf"(?:\b{_HEX}|::)(?:::?{_HEX}){{2,7}}(?:::)?|\b{_HEX}::{_HEX}\b"),
     ("number", ("credit_card", "ssn", "phone"),
-     r"(?:\+|\(|\b)\d{1,19}(?:(?:[ .\-]|\) ?| ?\()\d{1,12}){0,10}\b"),
+     # seven digits at least (no phone number, card or SSN has fewer), one separator between two
+     r"(?:\+|\(|\b)(?:\d(?:[ .\-]|\) ?| ?\()?){6,40}\d\b"),
 )
 
 # Words that put a dotted quad in a version string, in a few languages.
@@ -90,6 +92,7 @@ _TOKEN_PREFIXES = (
 )
 _IBAN_START = re.compile(rb"[A-Za-z]{2}\d{2}")
 _IPV4_SHAPE = re.compile(rb"(?:\d{1,3}\.){3}\d{1,3}")
+_NUMBER_STARTS = frozenset(b"0123456789+(")
 
 
 class Detector:
@@ -128,23 +131,23 @@ class Detector:
 def _kind(candidate: bytes) -> str:
     """Which shape matched `candidate`: the first in `_SHAPES` that can, told apart by what
     each must start with or contain (cheaper than asking RE2 for capture groups)."""
+    if b"@" in candidate:
+        return "email"  # no other shape holds an @
+    if candidate[0] in _NUMBER_STARTS:
+        if b":" in candidate:
+            return "ipv6"
+        return "ipv4" if _IPV4_SHAPE.fullmatch(candidate) else "number"
     if candidate.startswith(b"-----BEGIN"):
         return "pem"
     if candidate[1:6] == b"earer" and candidate[:1] in b"Bb" and candidate[6:7] in (b" ", b"\t"):
         return "bearer"
-    if b"@" in candidate:
-        return "email"
     if candidate.startswith(_TOKEN_PREFIXES):
         return "token"
     if candidate.startswith(b"eyJ"):
         return "jwt"
     if _IBAN_START.match(candidate):
         return "iban"
-    if b":" in candidate:
-        return "ipv6"
-    if _IPV4_SHAPE.fullmatch(candidate):
-        return "ipv4"
-    return "number"
+    return "ipv6"  # starting with a hex letter or ::
 
 
 def _validate(kind: str, text: bytes, start: int, end: int) -> str | None:
