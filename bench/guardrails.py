@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import orjson
 import uvloop
-import yaml
 from prometheus_client import CollectorRegistry
 
 from proxy.call import Call
