@@ -52,6 +52,7 @@ class Call:
         "extra_headers",
         "grants",
         "reserved",
+        "guardrails",
         "_forwarded",
     )
 
@@ -83,6 +84,7 @@ class Call:
         self.extra_headers: dict[str, str] = {}  # rate-limit headers, on every answer
         self.grants: list[Grant] = []  # limiter holdings, settled once at the end
         self.reserved = 0  # tokens reserved at admission
+        self.guardrails: list[str] = []  # names of the guardrails that acted, for the access log
         self._forwarded: dict[tuple[str, bool], bytes] = {}
 
     @property

@@ -15,7 +15,7 @@ from .validation import ChatRequest, parse_chat_request
 
 
 class ChatApi:
-    name = "chat"
+    name = shape = "chat"
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> ChatRequest:
         return parse_chat_request(body)

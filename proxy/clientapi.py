@@ -38,11 +38,18 @@ class ClientRequest(Protocol):
     def request_id(self) -> str | None:
         """The body's own request id (chat's `request_id`), or None."""
 
+    def with_data(self, data: dict[str, Any]) -> ClientRequest:
+        """The same request with its body replaced by `data` (a redacted copy)."""
+
 
 class ClientApi(Protocol):
     @property
     def name(self) -> str:
-        """`chat` or `messages`: the access log's `api` and the metrics' `api` label."""
+        """`chat`, `messages` or `count_tokens`: the access log's `api`, the metrics' label."""
+
+    @property
+    def shape(self) -> str:
+        """`chat` or `messages`: the shape of its bodies, answers and streams (what guardrails read)."""
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> ClientRequest:
         """The body validated; GatewayError 400 naming what is wrong."""

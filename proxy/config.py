@@ -53,6 +53,7 @@ class KeyConfig:
     models: frozenset[str] | None = None  # None: every model
     limits: Limits = Limits()
     budget_tokens: int | None = None
+    guardrails: tuple[str, ...] = ()  # names in Config.guardrails (SPEC §11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,7 @@ class ModelConfig:
     limits: Limits = Limits()
     default_max_tokens: int = 1024
     caps: Caps = Caps()  # what the upstream model accepts, read by converters
+    guardrails: tuple[str, ...] = ()  # names in Config.guardrails, run with the key's (SPEC §11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,18 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GuardrailConfig:
+    """A named guardrail (SPEC §11): what it looks for, what it does, in which direction."""
+
+    name: str
+    type: str = "pii"  # pii (built-in detectors) | regex (the operator's patterns)
+    categories: tuple[str, ...] = ()  # pii: the detectors to run; empty: all of them
+    patterns: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # regex: category -> RE2 pattern
+    action: str = "block"  # block | redact | log
+    apply_to: frozenset[str] = frozenset({"request"})  # request and/or response
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
@@ -152,6 +166,7 @@ class Config:
     models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
     routing: RoutingConfig = RoutingConfig()
     logging: LoggingConfig = LoggingConfig()
+    guardrails: Mapping[str, GuardrailConfig] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class ConfigError(Exception):

@@ -15,6 +15,8 @@ from functools import partial
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
+import re2
+
 from .config import (
     Limits,
     ServerConfig,
@@ -29,6 +31,7 @@ from .config import (
     StickyConfig,
     RoutingConfig,
     LoggingConfig,
+    GuardrailConfig,
     Config,
     ConfigError,
 )
@@ -175,6 +178,13 @@ _MODEL: Spec = {
     ),
     "default_max_tokens": (int, _POSITIVE),
 }
+_GUARDRAIL: Spec = {
+    "type": (str, one_of("pii", "regex")),
+    "action": (str, one_of("block", "redact", "log")),
+}
+# The built-in detectors (proxy.guardrails.detectors.CATEGORIES, which config does not import).
+GUARDRAIL_CATEGORIES = ("email", "phone", "credit_card", "iban", "ssn", "ip_address", "secret")
+_CATEGORY_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _ROUTING: Spec = {
     "strategy": (str, one_of("least_busy", "weighted_random", "round_robin")),
     "max_attempts": (int, _POSITIVE),
@@ -194,11 +204,15 @@ def _read_config(r: Reader) -> Config:
     redis = r.scalars("redis", RedisConfig(), _REDIS)
     models_value = r.data.get("models")
     model_names = frozenset(models_value) if isinstance(models_value, dict) else frozenset()
-    keys = r.each("keys", partial(_read_key, models=model_names), least="key")
+    guardrails = r.named("guardrails", _read_guardrail)
+    guardrail_rule = known(guardrails.keys(), "guardrail")
+    keys = r.each("keys", partial(_read_key, models=model_names, guardrails=guardrail_rule), least="key")
     r.flag_repeats("keys", [key.name for key in keys], "name", "name")
     r.flag_repeats("keys", [key.key_sha256 for key in keys], "", "key")
     providers = r.named("providers", _read_provider, least="provider")
-    read_model = partial(_read_model, providers=providers.keys(), models=model_names)
+    read_model = partial(
+        _read_model, providers=providers.keys(), models=model_names, guardrails=guardrail_rule
+    )
     models = r.named("models", read_model, least="model")
     return Config(
         server=server,
@@ -208,16 +222,18 @@ def _read_config(r: Reader) -> Config:
         models=MappingProxyType(models),
         routing=r.section("routing", _read_routing),
         logging=r.scalars("logging", LoggingConfig(), _LOGGING),
+        guardrails=MappingProxyType(guardrails),
     )
 
 
-def _read_key(r: Reader, models: Collection[str]) -> KeyConfig:
+def _read_key(r: Reader, models: Collection[str], guardrails: Rule) -> KeyConfig:
     key = r.fill(KeyConfig(name="", key_sha256=""), _KEY, required=("name",))
     return replace(
         key,
         key_sha256=_read_key_hash(r),
         models=_frozen(r.strings("models", known(models, "model"))),
         limits=r.scalars("limits", Limits(), _LIMITS),
+        guardrails=r.strings("guardrails", guardrails) or (),
     )
 
 
@@ -276,7 +292,7 @@ def _read_breaker(r: Reader) -> BreakerConfig:
 
 
 def _read_model(
-    name: str, r: Reader, providers: Collection[str], models: Collection[str]
+    name: str, r: Reader, providers: Collection[str], models: Collection[str], guardrails: Rule
 ) -> ModelConfig:
     model = r.fill(ModelConfig(name=name), _MODEL)
     read_target = partial(_read_target, model=name, providers=providers)
@@ -286,6 +302,7 @@ def _read_model(
         fallbacks=r.strings("fallbacks", _other_model(name, models)) or (),
         limits=r.scalars("limits", Limits(), _LIMITS),
         caps=r.scalars("caps", Caps(), _CAPS),
+        guardrails=r.strings("guardrails", guardrails) or (),
     )
 
 
@@ -299,6 +316,60 @@ def _read_target(r: Reader, model: str, providers: Collection[str]) -> Target:
         provider=r.get("provider", str, "", known(providers, "provider"), required=True),
         model=r.get("model", str, model, _NON_EMPTY),
     )
+
+
+def _read_guardrail(name: str, r: Reader) -> GuardrailConfig:
+    guardrail = r.fill(GuardrailConfig(name=name), _GUARDRAIL, required=("type", "action"))
+    apply_to = r.strings("apply_to", one_of("request", "response"))
+    if apply_to is not None and not apply_to:
+        r.report("apply_to", "at least one of request, response is required")
+    if "response" in (apply_to or ()) and guardrail.action == "block":
+        r.report("action", "block cannot apply to responses (already on their way): use redact or log")
+    categories = r.strings("categories", one_of(*GUARDRAIL_CATEGORIES))
+    patterns = r.section("patterns", _read_patterns) if "patterns" in r.data else {}
+    if guardrail.type == "regex":
+        if categories is not None:
+            r.report("categories", "only for type pii (a regex guardrail's categories are its patterns' names)")
+        if not r.data.get("patterns"):
+            r.report("patterns", "at least one pattern is required for type regex")
+    elif patterns:
+        r.report("patterns", "only for type regex")
+    return replace(
+        guardrail,
+        categories=categories or (),
+        patterns=MappingProxyType(patterns),
+        apply_to=frozenset(apply_to) if apply_to else guardrail.apply_to,
+    )
+
+
+def _read_patterns(r: Reader) -> dict[str, str]:
+    """Category name -> RE2 pattern. A pattern RE2 refuses (back references, lookaround) is a
+    problem here, at load: at run time every pattern matches in linear time."""
+    patterns: dict[str, str] = {}
+    for category in list(r.data):
+        if not isinstance(category, str) or not _CATEGORY_NAME.fullmatch(category):
+            r.report(str(category), "a category name is letters, digits, _ and - only")
+            r.read.add(str(category))
+            continue
+        pattern = r.get(category, str, "", _re2_pattern, required=True)
+        if pattern:
+            patterns[category] = pattern
+    return patterns
+
+
+def _re2_pattern(pattern: str) -> str | None:
+    if not pattern:
+        return "must not be empty"
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        compiled = re2.compile(pattern.encode(), options)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        return f"not a pattern RE2 can run in linear time: {reason}"
+    if compiled.search(b"") is not None:
+        return "must not match the empty string"
+    return None
 
 
 def _read_routing(r: Reader) -> RoutingConfig:

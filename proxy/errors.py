@@ -7,6 +7,7 @@ Imports nothing of the app.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import orjson
 
@@ -14,7 +15,7 @@ import orjson
 class GatewayError(Exception):
     """An answer the gateway gives instead of the upstream's: status, OpenAI type and code."""
 
-    __slots__ = ("status", "type", "code", "message", "param", "retry_after_s")
+    __slots__ = ("status", "type", "code", "message", "param", "retry_after_s", "extra")
 
     def __init__(
         self,
@@ -25,6 +26,7 @@ class GatewayError(Exception):
         *,
         param: str | None = None,
         retry_after_s: float | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -33,19 +35,19 @@ class GatewayError(Exception):
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+        self.extra = extra  # further members of the error object, after the four (any renderer's)
 
     def body(self) -> bytes:
-        """The OpenAI error object, all four keys present."""
-        return orjson.dumps(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": self.param,
-                    "code": self.code,
-                }
-            }
-        )
+        """The OpenAI error object, all four keys present, then `extra`'s members."""
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+        }
+        if self.extra:
+            error.update(self.extra)
+        return orjson.dumps({"error": error})
 
     def sse_event(self) -> bytes:
         """The terminal event of a stream that already started."""
@@ -235,4 +237,16 @@ def ratelimit_unavailable() -> GatewayError:
         "ratelimit_unavailable",
         "Rate limits cannot be checked right now; retry shortly.",
         retry_after_s=1,
+    )
+
+
+def guardrail_block(guardrail: str, findings: list[dict[str, str]]) -> GatewayError:
+    """A guardrail blocked the request (SPEC §11); `findings` name categories and locations,
+    never the matched text."""
+    return GatewayError(
+        400,
+        "guardrail_block",
+        "guardrail_block",
+        "Content blocked by guardrail",
+        extra={"guardrail_key": guardrail, "action": "block", "findings": findings},
     )

@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .deadlines import deadline_at
 from .errors import GatewayError
 from .faults import Fault, Verdict
+from .guardrails.answers import guard_answer, guard_stream
 from .metrics import Metrics
 from .upstream import Exchange, InBandError, Prepared, Provider, StreamReader, UpstreamFailure
 
@@ -138,7 +139,7 @@ async def _attempt(
                 if not prepared.stream:
                     verdict, result = await _relay_json(call, provider, prepared, exchange, clock)
                     return result
-                scanner = provider.stream(prepared)
+                scanner = guard_stream(call, provider.stream(prepared), call.api.shape)
                 first = await _first_event(exchange, clock, scanner)
         except TimeoutError:
             verdict, result = TRANSIENT, _failed(call, clock.expired())
@@ -258,7 +259,7 @@ async def _relay_json(
         return TRANSIENT, _failed(call, errors.bad_upstream_response(str(exc)))
     call.record_usage(answer.usage)
     call.first_byte_at = time.perf_counter()
-    body = answer.body
+    body = guard_answer(call, answer.body, call.api.shape)
     assert call.parsed is not None
     if call.parsed.request_id is not None:
         body = _with_request_id(body, call.parsed.request_id)

@@ -14,6 +14,7 @@ from .accounts import Accounts
 from .buckets import BucketTables
 from .chat_api import CHAT
 from .config import Config, KeyConfig, ModelConfig
+from .guardrails.rules import Guardrails
 from .messages_api import MESSAGES
 from .metrics import Metrics
 from . import providers
@@ -41,6 +42,7 @@ class Gateway:
         self.buckets = BucketTables(config, divisor)
         self.keys: dict[str, KeyConfig] = {key.key_sha256: key for key in config.keys}
         self.models: dict[str, ModelConfig] = dict(config.models)
+        self.guardrails = Guardrails(config.guardrails)  # compiled per config: a reload recompiles
         # what forward tries per client model, in order: the model, then its fallbacks
         self.routes: dict[str, tuple[ModelConfig, ...]] = {
             m.name: (m, *(config.models[name] for name in m.fallbacks)) for m in config.models.values()

@@ -46,7 +46,7 @@ IN_BAND = Verdict(Fault.TRANSIENT, reason="in-band error")
 
 
 class MessagesApi:
-    name = "messages"
+    name = shape = "messages"
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> MessagesRequest:
         return parse_messages_request(
@@ -64,6 +64,8 @@ class MessagesApi:
     def error_response(self, error: GatewayError, request_id: str) -> tuple[int, bytes]:
         status, kind = anthropic_error(error.status)
         detail: dict[str, Any] = {"type": kind, "message": error.message}
+        if error.extra:  # a guardrail's block: which one, and what it found (SPEC §11)
+            detail.update(error.extra)
         return status, orjson.dumps({"type": "error", "error": detail, "request_id": request_id})
 
     def error_event(self, error: GatewayError) -> bytes:

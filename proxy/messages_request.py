@@ -62,6 +62,9 @@ class MessagesRequest:
         self.version = version
         self.beta = beta
 
+    def with_data(self, data: dict[str, Any]) -> MessagesRequest:
+        return MessagesRequest(data, version=self.version, beta=self.beta)
+
 
 def parse_messages_request(
     body: bytes, *, version: str | None = None, beta: str | None = None, count_only: bool = False

@@ -73,6 +73,10 @@ class Metrics:
             "llm_proxy_fallbacks_total", "Requests served by trying a fallback model.",
             ("model", "fallback"), registry=registry,
         ))
+        self.guardrail_findings = _cached(Counter(
+            "llm_proxy_guardrail_findings_total", "Guardrail findings, by guardrail, category and action.",
+            ("guardrail", "category", "action"), registry=registry,
+        ))
         self._add_conversion_counters(registry)
         for scope, dimensions in REJECTION_SERIES:
             for dimension in dimensions:  # present at 0 from the start, so rate() has data

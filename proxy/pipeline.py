@@ -1,7 +1,7 @@
 """The request path of `POST /v1/chat/completions` and `POST /v1/messages`, top to bottom in one place.
 
-authenticate → read body → validate → authorize → admit (limits, budget) → forward (schedule,
-failover, relay) → settle (limits, metrics, access log).
+authenticate → read body → validate → authorize → guardrails → admit (limits, budget) → forward
+(schedule, failover, relay) → settle (limits, metrics, access log).
 Each stage fills fields of the `Call` or raises `GatewayError`; errors are rendered here, once.
 What differs per client API (its body, its errors, how providers serve it) is the `ClientApi`
 the route names (`chat_api`, `messages_api`); every stage is the same for both.
@@ -26,6 +26,7 @@ from .clientapi import ClientApi
 from .count_tokens import count_tokens
 from .errors import GatewayError
 from .forward import forward
+from .guardrails.stage import guard_request
 from .messages_api import COUNT_TOKENS, MESSAGES
 from .metrics import Metrics
 from .state import STATE, ServerState
@@ -75,6 +76,7 @@ async def handle(request: web.Request, api: ClientApi, serve: Serve = admit_and_
         call.body = await read_body(request, state.server.max_body_bytes)
         validate(call, request)
         authorize(call)
+        await guard_request(call)
         response = await serve(call, request)  # count_tokens: counted, never admitted or charged
         return response
     except GatewayError as exc:
@@ -206,6 +208,7 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
             "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
             "duration_ms": round(duration * 1000, 3),
             "stream": parsed.stream if parsed is not None else False,
+            "guardrails": call.guardrails,
         }
     )
 

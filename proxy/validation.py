@@ -54,6 +54,9 @@ class ChatRequest:
         self.n: int = data.get("n") or 1
         self.max_tokens: int | None = data.get("max_completion_tokens") or data.get("max_tokens")
 
+    def with_data(self, data: dict[str, Any]) -> ChatRequest:
+        return ChatRequest(data)
+
 
 def parse_chat_request(body: bytes) -> ChatRequest:
     data = parse_body(body)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import os
 from types import MappingProxyType
@@ -27,6 +28,7 @@ from proxy.config import (
     AccountConfig,
     BreakerConfig,
     Config,
+    GuardrailConfig,
     KeyConfig,
     Limits,
     LoggingConfig,
@@ -694,3 +696,47 @@ async def test_headers_that_cannot_be_forwarded_are_refused(start_gateway: Any, 
                 assert response.status == 400, (name, path)
                 assert (await response.json())["error"]["type"] == "invalid_request_error"
     assert upstream.requests == []
+
+
+# guardrails on the Messages API ----------------------------------------------------------------
+
+
+def guarded(config: Config, *rails: GuardrailConfig) -> Config:
+    keys = (dataclasses.replace(config.keys[0], guardrails=tuple(r.name for r in rails)), *config.keys[1:])
+    return dataclasses.replace(config, keys=keys, guardrails=MappingProxyType({r.name: r for r in rails}))
+
+
+async def test_a_guardrail_block_is_anthropic_shaped_before_admission(start_gateway: Any, fake: tuple[FakeAnthropic, str]) -> None:
+    upstream, url = fake
+    gateway = await start_gateway(guarded(config(claude("c", url, "ok-1"), limits=Limits(tpm=1000)),
+                                          GuardrailConfig(name="pii-checker", action="block")))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "my card is 4111 1111 1111 1111"}]}]
+    for create in (client(gateway).messages.create(model="claude-sonnet", max_tokens=5, messages=messages),
+                   client(gateway).messages.count_tokens(model="claude-sonnet", messages=messages)):
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await create
+        assert raised.value.body == {
+            "type": "error",
+            "error": {"type": "invalid_request_error", "message": "Content blocked by guardrail",
+                      "guardrail_key": "pii-checker", "action": "block",
+                      "findings": [{"category": "credit_card", "message": "PII detected", "location": "messages[0].content[0].text"}]},
+            "request_id": raised.value.response.headers["x-request-id"],
+        }
+        assert "x-ratelimit-remaining-tokens" not in raised.value.response.headers  # never admitted
+    assert upstream.requests == []
+
+
+async def test_redaction_on_both_paths_and_in_a_passed_through_stream(start_gateway: Any, fake: tuple[FakeAnthropic, str], upstream: Upstream) -> None:
+    anthropic_up, url = fake
+    rails = (GuardrailConfig(name="mask", action="redact", apply_to=frozenset({"request", "response"}), categories=("email",)),)
+    messages = [{"role": "user", "content": "write to jane.doe@example.com please"}]
+    passed = await start_gateway(guarded(config(claude("c", url, "ok-1")), *rails))
+    anthropic_up.script(Reply(content=[text("Sure, mailing bob.smith@example.org now")], piece=5))
+    async with client(passed).messages.stream(model="claude-sonnet", max_tokens=50, messages=messages) as stream:
+        texts = "".join([t async for t in stream.text_stream])
+    assert texts == "Sure, mailing [REDACTED:EMAIL] now"  # caught across 5-character deltas
+    assert anthropic_up.requests[-1].json["messages"][0]["content"] == "write to [REDACTED:EMAIL] please"
+    upstream.handler = completion_handler(200, chat_answer({"content": "ok"}))
+    converted = await start_gateway(guarded(config(openai_format("o", upstream.url, "a1")), *rails))
+    await client(converted).messages.create(model="claude-sonnet", max_tokens=50, messages=messages)
+    assert orjson.loads(upstream.requests[-1]["body"])["messages"][0]["content"] == "write to [REDACTED:EMAIL] please"

@@ -57,7 +57,9 @@ GATEWAY_CONFIG = """
 server: {{host: 127.0.0.1, port: {port}, drain_delay_s: 0, shutdown_grace_s: 2}}
 keys:
   - {{name: tester, key: {good_key}}}
-  - {{name: limited, key: {limited_key}, limits: {{rpm: 5}}, budget_tokens: 30}}
+  - {{name: limited, key: {limited_key}, limits: {{rpm: 5}}, budget_tokens: 30, guardrails: [pii-log]}}
+guardrails:
+  pii-log: {{type: pii, categories: [email], action: log}}
 providers:
   mock: {{type: mock, latency_ms: 5, chunk_delay_ms: 2}}
   flaky:
@@ -273,7 +275,7 @@ async def send_load(http: aiohttp.ClientSession, url: str) -> Counter[int]:
     statuses: Counter[int] = Counter()
 
     async def one(model: str, key: str, stream: bool) -> None:
-        body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "one two three"}]}
+        body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "one two three ops@example.com"}]}
         headers = {"Authorization": f"Bearer {key}"}
         async with http.post(f"{url}/v1/chat/completions", json=body, headers=headers) as response:
             await response.read()
