@@ -15,6 +15,9 @@ from proxy.guardrails.rules import Guardrail, Scan
 from proxy.guardrails.detectors import Match
 from proxy.guardrails.stage import redactions
 from proxy.guardrails.stream import GuardedStream
+from proxy.providers.anthropic_passthrough import MessagesRelay
+from proxy.upstream import InBandError
+from proxy.faults import Fault
 from proxy.streaming import SseScanner, event_end, event_json
 
 EMAIL = "john.doe@example.com"
@@ -259,3 +262,21 @@ def test_log_action_counts_and_changes_nothing() -> None:
     out, counted = relay("chat", events, action="log")
     assert out == b"".join(events)
     assert sorted(counted) == ["email", "phone"]
+
+
+async def test_a_passed_through_error_event_releases_redacted_text() -> None:
+    """A pass-through relays the upstream's `event: error` with what came before it: that text is
+    redacted too, and what the hold-back kept leaves before the error."""
+    counted: list[str] = []
+    stream = GuardedStream(MessagesRelay(), scan_of(), "messages", lambda hits: counted.extend(h.match.category for h in hits))
+    start = messages_event("message_start", message={"id": "m", "usage": {"input_tokens": 3, "output_tokens": 1}})
+    block = messages_event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+    first = stream.feed(start + block + text_delta("Write to "))
+    error = messages_event("error", error={"type": "overloaded_error", "message": "Overloaded"})
+    with pytest.raises(InBandError) as raised:
+        stream.feed(text_delta("john.d") + text_delta("oe@example.com now") + error)
+    assert raised.value.verdict.fault is Fault.TRANSIENT
+    relayed = first + raised.value.tail
+    assert EMAIL.encode() not in relayed and b"john.d" not in relayed
+    assert messages_text(relayed.rsplit(b"event: error", 1)[0]) == "Write to [REDACTED:EMAIL] now"
+    assert relayed.endswith(error) and counted == ["email"]

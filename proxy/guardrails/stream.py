@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from ..streaming import event_end, event_json
-from ..upstream import StreamReader
+from ..upstream import InBandError, StreamReader
 from .detectors import Match
 from .extract import Path
 from .redact import marker, merged
@@ -85,7 +85,17 @@ class GuardedStream:
         return self._inner.usage
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._inner.feed(chunk)
+        try:
+            data = self._inner.feed(chunk)
+        except InBandError as exc:
+            if not exc.tail:
+                raise
+            # the upstream's own end of a committed stream (a pass-through's `event: error`): what
+            # came before it is guarded like every event, and the error releases all that is held
+            raise InBandError(exc.verdict, exc.detail, tail=self._through(exc.tail)) from None
+        return self._through(data)
+
+    def _through(self, data: bytes) -> bytes:
         start, size = 0, len(data)
         while start < size:
             end = event_end(data, start, size)
