@@ -53,6 +53,8 @@ class KeyConfig:
     models: frozenset[str] | None = None  # None: every model
     limits: Limits = Limits()
     budget_tokens: int | None = None
+    budget_nano_usd: int | None = None  # `budget_usd` in nano-dollars (SPEC §12)
+    budget_period: str = "total"  # total | daily | weekly | monthly, UTC
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,17 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class Price:
+    """A model's prices in pico-dollars per token, i.e. micro-dollars per million tokens: the
+    file's USD per million tokens × 10^6, exact for up to six decimals."""
+
+    input: int
+    output: int
+    cached_input: int
+    cache_write: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
     kind: str = "chat"
@@ -118,6 +131,7 @@ class ModelConfig:
     limits: Limits = Limits()
     default_max_tokens: int = 1024
     caps: Caps = Caps()  # what the upstream model accepts, read by converters
+    price: Price | None = None  # None: unpriced (no key with budget_usd may use it)
 
 
 @dataclass(frozen=True, slots=True)

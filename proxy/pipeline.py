@@ -18,6 +18,7 @@ from aiohttp import web
 from . import errors
 from .admission import admit, settle_limits
 from .call import Call
+from .cost import usd
 from .errors import GatewayError
 from .forward import forward
 from .metrics import Metrics
@@ -176,6 +177,7 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
             "error_type": call.error_type,
             "prompt_tokens": call.prompt_tokens,
             "completion_tokens": call.completion_tokens,
+            "cost_usd": usd(call.cost_nano),
             "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
             "duration_ms": round(duration * 1000, 3),
             "stream": chat.stream if chat is not None else False,
