@@ -95,12 +95,15 @@ def settle_limits(call: Call) -> None:
 
 
 def charged_tokens(call: Call) -> tuple[int, int]:
-    """(prompt, completion) tokens the request is charged: what the upstream reported; for an
-    answer that reported nothing (a client gone mid-stream, a cut stream) the reservation, split
-    into its prompt estimate and completion cap; 0 when no upstream answered."""
+    """(prompt, completion) tokens the request is charged: what the upstream reported; when it
+    reported nothing (a client gone mid-stream or mid-attempt, a cut stream) the reservation,
+    split into its prompt estimate and completion cap; 0 when no upstream answered or every
+    attempt failed (a failed attempt's usage is never the client's)."""
     if call.prompt_tokens is not None or call.completion_tokens is not None:
         return call.prompt_tokens or 0, call.completion_tokens or 0
-    if call.first_byte_at is None:
+    # cancelled (the client left, or shutdown) while an upstream was working on it
+    abandoned = call.status == 499 and call.attempts > 0
+    if call.first_byte_at is None and not abandoned:
         return 0, 0
     reserved = call.reserved or reservation(call)
     prompt = min(reserved, len(call.body) // 4)
