@@ -115,9 +115,10 @@ def charge(call: Call, prompt: int, completion: int) -> None:
     key, model, period = call.key, call.model, call.period
     assert key is not None and model is not None and period is not None
     price = (call.served_model or model).price
-    reported = call.prompt_tokens is not None
-    cached = min(call.cached_tokens, prompt) if reported else 0
-    written = min(call.cache_write_tokens, prompt - cached) if reported else 0
+    cached = written = 0
+    if call.prompt_tokens is not None and (call.cached_tokens or call.cache_write_tokens):
+        cached = min(call.cached_tokens, prompt)
+        written = min(call.cache_write_tokens, prompt - cached)
     if price is not None:
         call.cost_nano = cost_nano(price, prompt=prompt, cached=cached, cache_write=written, completion=completion)
     call.gateway.limiter.record(

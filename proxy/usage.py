@@ -17,9 +17,6 @@ from .periods import Period
 ROW_FIELDS = ("r", "p", "k", "w", "o", "c", "u")
 # A key's period totals, what its budgets count: tokens, and cost in nano-dollars.
 TOKENS_FIELD, COST_FIELD = "t", "c"
-# Any one request's figure is counted as at most this: none comes near it, and sums of a few stay
-# exact in the shared store's Lua numbers (doubles) and encodable in a script payload.
-MAX_FIGURE = 1 << 50
 
 
 @dataclass(slots=True)
@@ -48,19 +45,22 @@ class PeriodUsage:
         self.models: dict[str, list[int]] = {}
 
     def add(self, charge: Charge) -> None:
-        cost = _clamped(charge.cost_nano or 0)
-        self.tokens += _clamped(charge.tokens)
+        """Figures are bounded where they are made (usage at 2^40 tokens, cost at
+        `cost.MAX_COST_NANO`), so sums stay exact in Lua's doubles and encodable."""
+        cost = charge.cost_nano or 0
+        self.tokens += charge.tokens
         self.cost_nano += cost
         row = self.models.get(charge.model)
         if row is None:
             row = self.models[charge.model] = [0] * len(ROW_FIELDS)
         row[0] += 1
-        row[1] += _clamped(charge.prompt)
-        row[2] += _clamped(charge.cached)
-        row[3] += _clamped(charge.cache_write)
-        row[4] += _clamped(charge.completion)
+        row[1] += charge.prompt
+        row[2] += charge.cached
+        row[3] += charge.cache_write
+        row[4] += charge.completion
         row[5] += cost
-        row[6] += charge.cost_nano is None
+        if charge.cost_nano is None:
+            row[6] += 1
 
     def fields(self) -> Iterator[tuple[str, int]]:
         """Every non-zero figure as (Redis hash field, amount)."""
@@ -119,7 +119,3 @@ class UsageLedger:
         taken.periods, self.periods = self.periods, {}
         taken.expiry, self.expiry = self.expiry, {}
         return taken
-
-
-def _clamped(figure: int) -> int:
-    return min(max(0, figure), MAX_FIGURE)

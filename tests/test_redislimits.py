@@ -16,6 +16,7 @@ from proxy.errors import GatewayError
 from proxy.limitscript import HASH_TAG, MATH_LUA
 from proxy.ratelimit import (
     CONCURRENCY_RETRY_S,
+    MAX_TOKENS,
     Ask,
     Bucket,
     Budget,
@@ -27,7 +28,7 @@ from proxy.ratelimit import (
     wait_s,
 )
 from proxy.redislimits import RedisLimiter
-from proxy.usage import MAX_FIGURE
+from proxy.cost import MAX_COST_NANO
 
 from .redisproc import RedisProcess
 from .test_ratelimit import REFILL_CASES, SETTLE_CASES, WAIT_CASES, charge, granted, refused
@@ -409,14 +410,15 @@ async def test_an_absurd_usage_figure_cannot_poison_the_shared_store(
     ask = Ask([Bucket("key", "a", "rpm", 1000)], tokens=1, budget=Budget("a", "total", tokens=1 << 52))
     for absurd in (1 << 64, 1 << 70, -(1 << 64)):
         limiter.settle(granted(await limiter.admit(ask)), absurd)
-        limiter.record(charge("a", absurd, nano_usd=absurd))
+        # the most a charge can hold: usage figures are capped at MAX_TOKENS, costs at MAX_COST_NANO
+        limiter.record(charge("a", 2 * MAX_TOKENS, nano_usd=MAX_COST_NANO))
         await limiter.flush()
     calls = limiter.script_calls
     for _ in range(3):
         granted(await limiter.admit(ask))  # still decided by Redis, not refused with 503
     assert limiter.script_calls > calls and not limiter.degraded
-    assert int(await raw.hget(HASH_TAG + ":usage:total:a", "t") or 0) == 2 * MAX_FIGURE
-    assert int(await raw.hget(HASH_TAG + ":usage:total:a", "c") or 0) == 2 * MAX_FIGURE
+    assert int(await raw.hget(HASH_TAG + ":usage:total:a", "t") or 0) == 6 * MAX_TOKENS
+    assert int(await raw.hget(HASH_TAG + ":usage:total:a", "c") or 0) == 3 * MAX_COST_NANO
 
 
 async def test_a_record_that_cannot_be_encoded_is_dropped_not_retried_for_ever(
