@@ -40,7 +40,7 @@ async def test_access_log_has_one_line_per_request_without_secrets(serve: Any) -
     lines = [orjson.loads(line) for line in process.stdout.splitlines()]
     assert [(line["status"], line["stream"]) for line in lines] == [(200, False), (200, True), (401, False)]
     fields = {"time", "request_id", "key", "model", "provider", "provider_type", "account", "attempts",
-              "status", "error_type", "prompt_tokens", "completion_tokens", "ttft_ms", "duration_ms", "stream"}
+              "status", "error_type", "prompt_tokens", "completion_tokens", "ttft_ms", "duration_ms", "stream", "cost_usd"}
     assert all(set(line) == fields for line in lines)
     assert [line["provider_type"] for line in lines] == ["mock", "mock", None]
     assert lines[0]["key"] == "tester" and lines[0]["completion_tokens"] == 5
