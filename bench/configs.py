@@ -15,6 +15,9 @@ import yaml
 from .load import GATEWAY_KEY
 
 HIGH_LIMITS = {"rpm": 1_000_000_000, "tpm": 1_000_000_000_000}
+# gpt-4o's list prices, and a monthly money budget no run can spend
+PRICE = {"input": 2.5, "cached_input": 1.25, "output": 10}
+HIGH_BUDGET = {"budget_usd": 1_000_000_000, "budget_period": "monthly"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Step:
     redis: bool = False
     metrics: bool = False
     access_log: bool = False
+    cost: bool = False  # models priced, the key with a monthly budget_usd
 
 
 LADDER = (
@@ -39,6 +43,8 @@ LADDER = (
     Step("+ metrics", "+ logging.metrics: true", accounts=3, limits=True, redis=True, metrics=True),
     Step("+ access log", "+ logging.access_log: true (stdout to a file)",
          accounts=3, limits=True, redis=True, metrics=True, access_log=True),
+    Step("+ prices and budget_usd", f"+ models' price {PRICE}, keys[0] {HIGH_BUDGET} (nothing refused)",
+         accounts=3, limits=True, redis=True, metrics=True, access_log=True, cost=True),
 )
 DEFAULT = Step(
     "llm-proxy (defaults)", "1 account, no limits, no Redis; metrics and access log on (the defaults)",
@@ -69,11 +75,16 @@ def gateway_config(
     key: dict[str, Any] = {"name": "bench", "key": GATEWAY_KEY}
     if step.limits:
         key["limits"] = dict(HIGH_LIMITS)
+    if step.cost:
+        key.update(HIGH_BUDGET)
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "drain_delay_s": 0, "shutdown_grace_s": 2},
         "keys": [key],
         "providers": providers,
-        "models": {name: {"targets": [{"provider": name}]} for name in providers},
+        "models": {
+            name: {"targets": [{"provider": name}], **({"price": dict(PRICE)} if step.cost else {})}
+            for name in providers
+        },
         "logging": {"level": "warning", "access_log": step.access_log, "metrics": step.metrics},
     }
     if step.redis:

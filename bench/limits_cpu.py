@@ -22,8 +22,10 @@ from collections.abc import Awaitable, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from proxy.config import Limits, RedisConfig  # noqa: E402
-from proxy.ratelimit import Ask, Grant, Limiter, LocalLimiter, buckets_for  # noqa: E402
+from proxy.periods import TOTAL  # noqa: E402
+from proxy.ratelimit import Ask, Budget, Grant, Limiter, LocalLimiter, buckets_for  # noqa: E402
 from proxy.redislimits import RedisLimiter  # noqa: E402
+from proxy.usage import Charge  # noqa: E402
 
 BIG = 10**9  # limits nobody reaches: every admission is a full take and settle
 
@@ -56,7 +58,7 @@ def make_ask() -> Ask:
     """A typical request: the key's rpm, tpm and concurrency, and the model's rpm and tpm."""
     key = buckets_for("key", "bench", Limits(rpm=BIG, tpm=BIG, concurrency=BIG))
     model = buckets_for("model", "gpt-bench", Limits(rpm=BIG, tpm=BIG))
-    return Ask([*key, *model], tokens=800, budget_key="bench", budget_limit=BIG)
+    return Ask([*key, *model], tokens=800, budget=Budget("bench", TOTAL.id, tokens=BIG, nano_usd=BIG))
 
 
 async def drive(limiter: Limiter | None, requests: int, concurrency: int) -> float:
@@ -69,6 +71,7 @@ async def drive(limiter: Limiter | None, requests: int, concurrency: int) -> flo
             await asyncio.sleep(0)  # the request's own work happens here
             if isinstance(outcome, Grant) and limiter is not None:
                 limiter.settle(outcome, 300)
+                limiter.record(Charge("bench", TOTAL, "gpt-bench", 200, 0, 0, 100, 300, 1250))
 
     per_task = requests // concurrency
     started = time.process_time()

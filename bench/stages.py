@@ -52,9 +52,10 @@ STREAM_CHUNKS = 20
 Stage = Callable[[], Awaitable[None]]
 
 
-def build_gateway() -> Gateway:
-    """The last ladder step's config, with the in-process limiter (no Redis round trips here)."""
-    step = LADDER[-1]
+def build_gateway(step_index: int = -1) -> Gateway:
+    """The last ladder step's config (or another's), with the in-process limiter (no Redis round
+    trips here)."""
+    step = LADDER[step_index]
     data = gateway_config(port=0, providers={MODEL: provider("http://127.0.0.1:9/v1", step.accounts)}, step=step)
     config = parse_config(yaml.safe_dump(data), os.environ)
     return Gateway(config=config, limiter=LocalLimiter(), metrics=Metrics(CollectorRegistry()))
@@ -226,8 +227,8 @@ async def measure(stage: Callable[[], Awaitable[None]], iterations: int) -> floa
     return (time.process_time() - started) / iterations * 1e6
 
 
-async def main_async(iterations: int) -> None:
-    gateway = build_gateway()
+async def main_async(iterations: int, step_index: int = -1) -> None:
+    gateway = build_gateway(step_index)
     with open(os.devnull, "wb") as devnull:
         access_log = AccessLog(fd=devnull.fileno())
         empty = await measure(_nothing, iterations)
@@ -274,8 +275,10 @@ async def _nothing() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=50_000)
+    parser.add_argument("--without-cost", action="store_true",
+                        help="the step before the last: no prices, no budget_usd")
     args = parser.parse_args()
-    uvloop.run(main_async(args.iterations))
+    uvloop.run(main_async(args.iterations, -2 if args.without_cost else -1))
 
 
 if __name__ == "__main__":

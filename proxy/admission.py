@@ -2,7 +2,9 @@
 to a refusal, and OpenAI's `x-ratelimit-*` headers.
 
 The bucket math and the stores live in `ratelimit`/`redislimits`; this module only speaks for
-one request. The tables it reads are built once per config by `buckets.BucketTables`.
+one request: what it reserved, which budget period it was admitted in, and what it is charged
+(tokens and cost) when it settles. The tables it reads are built once per config by
+`buckets.BucketTables`.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import math
 
 from .buckets import NO_BUCKETS
 from .call import Call
+from .cost import cost_nano
 from .errors import GatewayError, budget_exhausted, rate_limited
-from .ratelimit import RPM, TPM, Ask, Bucket, Levels, Refusal
+from .ratelimit import RPM, TPM, Ask, Bucket, Budget, Levels, Refusal
+from .usage import Charge
 
 _HEADER_KINDS = {
     dimension: tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset"))
@@ -34,15 +38,20 @@ async def admit(call: Call) -> None:
     gateway, key, model = call.gateway, call.key, call.model
     assert key is not None and model is not None
     buckets = gateway.buckets.keys[key.name] + gateway.buckets.models[model.name]
-    if not buckets and key.budget_tokens is None:
+    period = gateway.limiter.period_clock.current(key.budget_period)
+    budgeted = key.budget_tokens is not None or key.budget_nano_usd is not None
+    if not buckets and not budgeted:
+        call.period = period
         return
     call.reserved = reservation(call)
-    ask = Ask(buckets, call.reserved, key.name, key.budget_tokens)
+    budget = Budget(key.name, period.id, key.budget_tokens, key.budget_nano_usd) if budgeted else None
+    ask = Ask(buckets, call.reserved, budget)
     decision = await gateway.limiter.admit(ask)
     call.extra_headers.update(ratelimit_headers(gateway.buckets.keys[key.name], decision.levels))
     if isinstance(decision, Refusal):
         raise refusal_error(call, decision)
     call.grants.append(decision)
+    call.period = period  # admitted: charged to this period when it settles
 
 
 async def admit_account(call: Call, account_id: str) -> bool:
@@ -67,22 +76,57 @@ def refusal_error(call: Call, refusal: Refusal) -> GatewayError:
     if call.gateway.metrics is not None:
         call.gateway.metrics.rejections((scope, dimension)).inc()
     if bucket is None:
-        return budget_exhausted()
+        return budget_exhausted(refusal.budget, call.key.budget_period if call.key is not None else "total")
     return rate_limited(f"{scope}.{dimension}", refusal.retry_after_s)
 
 
 def settle_limits(call: Call) -> None:
-    """Hands every grant back with the real usage; the reservation when usage never came."""
-    if not call.grants:
+    """Hands every grant back with the real usage, and charges the request to its key's period
+    (tokens and cost); the reservation when an answer came but its usage never did."""
+    if not call.grants and call.period is None:
         return
-    if call.prompt_tokens is not None or call.completion_tokens is not None:
-        used = (call.prompt_tokens or 0) + (call.completion_tokens or 0)
-    else:
-        # answered but unreported (client gone mid-stream): charge the estimate; never reached: 0
-        used = call.reserved if call.first_byte_at is not None else 0
+    prompt, completion = charged_tokens(call)
     for grant in call.grants:
-        call.gateway.limiter.settle(grant, used)
+        call.gateway.limiter.settle(grant, prompt + completion)
     call.grants.clear()
+    if call.period is not None:
+        charge(call, prompt, completion)
+        call.period = None
+
+
+def charged_tokens(call: Call) -> tuple[int, int]:
+    """(prompt, completion) tokens the request is charged: what the upstream reported; when it
+    reported nothing (a client gone mid-stream or mid-attempt, a cut stream) the reservation,
+    split into its prompt estimate and completion cap; 0 when no upstream answered or every
+    attempt failed (a failed attempt's usage is never the client's)."""
+    if call.prompt_tokens is not None or call.completion_tokens is not None:
+        return call.prompt_tokens or 0, call.completion_tokens or 0
+    # cancelled (the client left, or shutdown) while an upstream was working on it
+    abandoned = call.status == 499 and call.attempts > 0
+    if call.first_byte_at is None and not abandoned:
+        return 0, 0
+    reserved = call.reserved or reservation(call)
+    prompt = min(reserved, len(call.body) // 4)
+    return prompt, reserved - prompt
+
+
+def charge(call: Call, prompt: int, completion: int) -> None:
+    """Records the request's usage and cost (at the price of the model that served it)."""
+    key, model, period = call.key, call.model, call.period
+    assert key is not None and model is not None and period is not None
+    price = (call.served_model or model).price
+    cached = written = 0
+    if call.prompt_tokens is not None and (call.cached_tokens or call.cache_write_tokens):
+        cached = min(call.cached_tokens, prompt)
+        written = min(call.cache_write_tokens, prompt - cached)
+    if price is not None:
+        call.cost_nano = cost_nano(price, prompt=prompt, cached=cached, cache_write=written, completion=completion)
+    call.gateway.limiter.record(
+        Charge(key.name, period, model.name, prompt, cached, written, completion, prompt + completion, call.cost_nano)
+    )
+    metrics = call.gateway.metrics
+    if metrics is not None and call.cost_nano:
+        metrics.cost((model.name, key.name)).inc(call.cost_nano / 1e9)
 
 
 def ratelimit_headers(key_buckets: tuple[Bucket, ...], levels: Levels) -> dict[str, str]:

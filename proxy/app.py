@@ -7,7 +7,6 @@ The request path itself (chat completions, messages, count_tokens) lives in `pip
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,20 +19,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from . import edge, errors
 from .accesslog import AccessLog
+from .admin import authorize_admin, handle_usage
 from .config import Config, ModelConfig
 from .edge import EDGE, Edge
 from .errors import GatewayError
 from .gateway import Gateway
 from .metrics import Metrics
+from .periods import PeriodClock
 from .ratelimit import Limiter, LocalLimiter
 from .redislimits import RedisLimiter
 from .call import Call
 from .chat_api import CHAT
 from .messages_api import MESSAGES
-from .pipeline import (
-    authenticate, bearer_token, handle_chat, handle_count_tokens, handle_messages, render_error, request_id_of,
-    utf8_or_empty,
-)
+from .pipeline import authenticate, handle_chat, handle_count_tokens, handle_messages, render_error, request_id_of
 from .state import STATE, ServerState
 
 log = logging.getLogger("llm_proxy.app")
@@ -51,8 +49,10 @@ def build_app(
     registry: CollectorRegistry | None = None,
     probe_interval_s: float = 30.0,
     workers: int = 1,
+    period_clock: PeriodClock | None = None,
 ) -> web.Application:
-    """The gateway as an aiohttp app; ready once its start-up has run."""
+    """The gateway as an aiohttp app; ready once its start-up has run. `period_clock` says
+    when now is for budget periods (tests shift it across a boundary)."""
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         # every connection's settings, whichever runner serves the app (the tests' is aiohttp's)
@@ -68,6 +68,7 @@ def build_app(
             metrics=metrics,
             probe_interval_s=probe_interval_s,
             workers=workers,
+            period_clock=period_clock or PeriodClock(),
         )
     )
     _add_routes(app.router)
@@ -84,6 +85,7 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/healthz", _healthz)
     router.add_get("/readyz", _readyz)
     router.add_get("/admin/state", _admin_state)
+    router.add_get("/admin/usage", handle_usage)
     router.add_get("/metrics", _metrics)
     # Last: only what no route above serves reaches it, so matched requests pay nothing for it.
     router.add_route("*", "/{path:.*}", _unmatched)
@@ -97,13 +99,14 @@ async def _lifetime(
     metrics: Metrics | None,
     probe_interval_s: float,
     workers: int,
+    period_clock: PeriodClock,
 ) -> AsyncIterator[None]:
     limiter: Limiter
     if config.redis.url:
-        limiter, divisor = RedisLimiter(config=config.redis), 1
+        limiter, divisor = RedisLimiter(config=config.redis, period_clock=period_clock), 1
     else:
         # each worker holds its own in-process buckets: a share of every limit
-        limiter, divisor = LocalLimiter(), workers
+        limiter, divisor = LocalLimiter(period_clock=period_clock), workers
     await limiter.start()
     gateway = Gateway(config=config, limiter=limiter, divisor=divisor, metrics=metrics)
     state = ServerState(server=config.server, gateway=gateway, access_log=access_log)
@@ -227,13 +230,11 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _admin_state(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    admin_key = state.server.admin_key
     call = Call(gateway=state.gateway, request_id=request_id_of(request), started=0.0)
-    if not admin_key:
-        return render_error(call, errors.admin_disabled())
-    presented = utf8_or_empty(bearer_token(request))
-    if not hmac.compare_digest(presented.encode(), admin_key.encode()):
-        return render_error(call, errors.invalid_api_key())
+    try:
+        authorize_admin(request)
+    except GatewayError as exc:
+        return render_error(call, exc)
     now = asyncio.get_running_loop().time()
     return _json(request, {"accounts": state.gateway.accounts.snapshot(now)})
 

@@ -15,6 +15,7 @@ from .clientapi import ClientApi, ClientRequest
 from .config import KeyConfig, ModelConfig
 from .jsonsplice import SpliceError, splice
 from .messages_request import MessagesRequest
+from .periods import Period
 from .ratelimit import MAX_TOKENS, Grant
 from .validation import ChatRequest
 
@@ -45,6 +46,11 @@ class Call:
         "error_type",
         "prompt_tokens",
         "completion_tokens",
+        "cached_tokens",
+        "cache_write_tokens",
+        "served_model",
+        "period",
+        "cost_nano",
         "first_byte_at",
         "upstream_s",
         "ended_by_shutdown",
@@ -77,6 +83,11 @@ class Call:
         self.error_type: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.cached_tokens = 0  # cache reads, part of prompt_tokens
+        self.cache_write_tokens = 0  # cache writes (Anthropic), part of prompt_tokens
+        self.served_model: ModelConfig | None = None  # the model (or fallback) last tried: its price applies
+        self.period: Period | None = None  # the budget period it was admitted in: what it is charged to
+        self.cost_nano: int | None = None  # set at settlement; None when unpriced
         self.first_byte_at: float | None = None
         self.upstream_s = 0.0
         self.ended_by_shutdown = False
@@ -167,6 +178,10 @@ class Call:
             self.prompt_tokens = prompt
         if completion is not None:
             self.completion_tokens = completion
+        details = usage.get("prompt_tokens_details")
+        if type(details) is dict:
+            self.cached_tokens = _reported(details, "cached_tokens", self.request_id) or 0
+            self.cache_write_tokens = _reported(details, "cache_write_tokens", self.request_id) or 0
 
 
 def _reported(usage: dict[str, Any], name: str, request_id: str) -> int | None:

@@ -54,6 +54,8 @@ class KeyConfig:
     limits: Limits = Limits()
     budget_tokens: int | None = None
     guardrails: tuple[str, ...] = ()  # names in Config.guardrails (SPEC §11)
+    budget_nano_usd: int | None = None  # `budget_usd` in nano-dollars (SPEC §12)
+    budget_period: str = "total"  # total | daily | weekly | monthly, UTC
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,17 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class Price:
+    """A model's prices in pico-dollars per token, i.e. micro-dollars per million tokens: the
+    file's USD per million tokens × 10^6, exact for up to six decimals."""
+
+    input: int
+    output: int
+    cached_input: int
+    cache_write: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
     kind: str = "chat"
@@ -120,6 +133,7 @@ class ModelConfig:
     default_max_tokens: int = 1024
     caps: Caps = Caps()  # what the upstream model accepts, read by converters
     guardrails: tuple[str, ...] = ()  # names in Config.guardrails, run with the key's (SPEC §11)
+    price: Price | None = None  # None: unpriced (no key with budget_usd may use it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import replace
+from decimal import Decimal
 from functools import partial
 from types import MappingProxyType
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ from .config import (
     ProviderConfig,
     Target,
     ModelConfig,
+    Price,
     StickyConfig,
     RoutingConfig,
     LoggingConfig,
@@ -36,6 +38,7 @@ from .config import (
     ConfigError,
 )
 from .caps import THINKING_MODES, Caps
+from .periods import KINDS
 from .configreader import (
     Reader,
     Rule,
@@ -132,6 +135,7 @@ _KEY: Spec = {
     "name": (str, _NON_EMPTY),
     "group": (str, _NON_EMPTY),
     "budget_tokens": (int, _POSITIVE),
+    "budget_period": (str, one_of(*KINDS)),
 }
 _LIMITS: Spec = dict.fromkeys(("rpm", "tpm", "concurrency"), (int, _POSITIVE))
 _MOCK: Spec = {
@@ -214,6 +218,7 @@ def _read_config(r: Reader) -> Config:
         _read_model, providers=providers.keys(), models=model_names, guardrails=guardrail_rule
     )
     models = r.named("models", read_model, least="model")
+    _check_priced(r, keys, models)
     return Config(
         server=server,
         redis=redis,
@@ -228,8 +233,10 @@ def _read_config(r: Reader) -> Config:
 
 def _read_key(r: Reader, models: Collection[str], guardrails: Rule) -> KeyConfig:
     key = r.fill(KeyConfig(name="", key_sha256=""), _KEY, required=("name",))
+    budget_usd = r.get("budget_usd", float, None, _POSITIVE)
     return replace(
         key,
+        budget_nano_usd=None if budget_usd is None else _scaled(budget_usd, 9),
         key_sha256=_read_key_hash(r),
         models=_frozen(r.strings("models", known(models, "model"))),
         limits=r.scalars("limits", Limits(), _LIMITS),
@@ -303,7 +310,50 @@ def _read_model(
         limits=r.scalars("limits", Limits(), _LIMITS),
         caps=r.scalars("caps", Caps(), _CAPS),
         guardrails=r.strings("guardrails", guardrails) or (),
+        price=r.section("price", _read_price) if r.data.get("price") is not None else None,
     )
+
+
+def _read_price(r: Reader) -> Price:
+    """USD per million tokens, held as pico-dollars per token (exact to six decimals)."""
+    found: dict[str, int] = {}
+    for name in ("input", "output", "cached_input", "cache_write"):
+        value = r.get(name, float, None, _NOT_NEGATIVE, required=name in ("input", "output"))
+        if value is None:
+            continue
+        if _scaled(value, 6) != Decimal(repr(value)) * 10**6:
+            r.report(name, "must have at most 6 decimal places (USD per million tokens)")
+        found[name] = _scaled(value, 6)
+    given = found.get("input", 0)
+    return Price(
+        input=given,
+        output=found.get("output", 0),
+        cached_input=found.get("cached_input", given),
+        cache_write=found.get("cache_write", given),
+    )
+
+
+def _scaled(value: float, decimals: int) -> int:
+    """`value` × 10^decimals as an integer, from its decimal text (never the float's binary noise)."""
+    return int((Decimal(repr(value)) * 10**decimals).to_integral_value())
+
+
+def _check_priced(r: Reader, keys: list[KeyConfig], models: Mapping[str, ModelConfig]) -> None:
+    """A key with a money budget may reach only priced models, its models' fallbacks included:
+    an unpriced one would record its spend as nothing."""
+    for index, key in enumerate(keys):
+        if key.budget_nano_usd is None:
+            continue
+        reachable: list[str] = []
+        for name in sorted(key.models) if key.models is not None else list(models):
+            if name in models:
+                reachable += [name, *models[name].fallbacks]
+        for name in dict.fromkeys(reachable):
+            if name in models and models[name].price is None:
+                r.report(
+                    f"keys[{index}].budget_usd",
+                    f"model {name!r} has no price (models.{name}.price); a money budget needs every model the key can reach priced",
+                )
 
 
 def _other_model(name: str, models: Collection[str]) -> Rule:

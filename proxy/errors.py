@@ -221,12 +221,25 @@ def rate_limited(param: str, retry_after_s: float) -> GatewayError:
     )
 
 
-def budget_exhausted() -> GatewayError:
+def budget_exhausted(budget: str = "tokens", period: str = "total") -> GatewayError:
+    """The key's `budget` ("tokens" | "usd") is spent for its `period` (budget_period)."""
+    what = "money budget (budget_usd)" if budget == "usd" else "token budget"
+    when = "" if period == "total" else f" for this {_PERIOD_NOUNS.get(period, period)}"
     return GatewayError(
         402,
         "insufficient_quota",
         "budget_exhausted",
-        "This API key has used up its token budget.",
+        f"This API key has used up its {what}{when}.",
+    )
+
+
+_PERIOD_NOUNS = {"daily": "day", "weekly": "week", "monthly": "month"}
+
+
+def usage_unavailable() -> GatewayError:
+    return GatewayError(
+        503, "service_unavailable", "usage_unavailable",
+        "Usage is kept in Redis, which cannot be reached; try again shortly.", retry_after_s=1.0,
     )
 
 

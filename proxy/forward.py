@@ -81,6 +81,7 @@ async def forward(call: Call, request: web.Request) -> web.StreamResponse:
             if gateway.metrics is not None:
                 _count_retry_and_fallback(gateway.metrics, call, model, first_on_model)
             first_on_model = False
+            call.served_model = model
             result = await _attempt(call, request, choice, provider, outgoing)
             if not isinstance(result, GatewayError):
                 return result

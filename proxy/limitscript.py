@@ -23,6 +23,7 @@ from .ratelimit import (
     Refusal,
     amount_for,
 )
+from .usage import UsageLedger
 
 # Every limiter key carries this hash tag, so one script's keys share a Redis Cluster slot.
 HASH_TAG = "{llm-proxy}"
@@ -30,8 +31,8 @@ HASH_TAG = "{llm-proxy}"
 # call timed out after Redis ran it is not applied twice.
 SETTLED_MEMORY_S = 600
 
-# (member, concurrency buckets to release, (tpm bucket, reserved) pairs, budget key, used tokens)
-Record = tuple[str, tuple[Bucket, ...], tuple[tuple[Bucket, int], ...], str | None, int]
+# (member, concurrency buckets to release, (tpm bucket, reserved) pairs, used tokens)
+Record = tuple[str, tuple[Bucket, ...], tuple[tuple[Bucket, int], ...], int]
 
 _MATH = """
 local function refill(level, updated, limit, now)
@@ -89,9 +90,9 @@ local function hold(key, member)
   redis.call('PEXPIRE', key, lease_ttl_ms)
 end
 
--- {member, {lease key...}, {{rate key, limit, reserved}...}, budget key or 0, used}
+-- {member, {lease key...}, {{rate key, limit, reserved}...}, used}
 local function settle(record)
-  local member, used = record[1], record[5]
+  local member, used = record[1], record[4]
   for _, k in ipairs(record[2]) do
     if redis.call('ZREM', KEYS[k], member) == 1 and held[KEYS[k]] then
       held[KEYS[k]] = held[KEYS[k]] - 1
@@ -102,9 +103,15 @@ local function settle(record)
     state.level = settle_level(state.level, r[2], r[3], used)
     state.dirty = true
   end
-  if record[4] > 0 and used > 0 then
-    redis.call('INCRBY', KEYS[record[4]], string.format('%d', used))
+end
+
+-- {usage hash key, expire at (0: never), field, amount, field, amount, ...}
+local function count(entry)
+  local key = KEYS[entry[1]]
+  for i = 3, #entry, 2 do
+    redis.call('HINCRBY', key, entry[i], string.format('%d', entry[i + 1]))
   end
+  if entry[2] > 0 then redis.call('EXPIREAT', key, string.format('%d', entry[2])) end
 end
 
 -- levels: {level, seconds until full, ...} per bucket; returns (refusing position or 0, wait)
@@ -141,19 +148,24 @@ local function take(member, specs, levels)
   end
 end
 
--- {member, {{key, is lease, limit, amount}...}, budget key or 0, budget limit}
--- -> {admitted, refusing position (0: the budget), retry after, levels, budget used or -1}
+-- {member, {{key, is lease, limit, amount}...}, usage hash key or 0, token budget, money budget}
+-- (a budget of -1: none) -> {admitted, refusing position (0: a budget), retry after, levels,
+-- tokens and nano-dollars the period recorded (as text, exact; -1 when no budget was checked)}
 local function admit(request)
   local levels = {}
   local worst, longest = check(request[2], levels)
-  local used = -1
+  local tokens, nano = -1, -1
   if request[3] > 0 then
-    used = tonumber(redis.call('GET', KEYS[request[3]]) or '0')
-    if used >= request[4] then return {0, 0, 0, levels, used} end
+    local used = redis.call('HMGET', KEYS[request[3]], 't', 'c')
+    tokens, nano = used[1] or '0', used[2] or '0'
+    if (request[4] >= 0 and tonumber(tokens) >= request[4])
+        or (request[5] >= 0 and tonumber(nano) >= request[5]) then
+      return {0, 0, 0, levels, tokens, nano}
+    end
   end
-  if worst > 0 then return {0, worst, longest, levels, used} end
+  if worst > 0 then return {0, worst, longest, levels, tokens, nano} end
   take(request[1], request[2], levels)
-  return {1, 0, 0, levels, used}
+  return {1, 0, 0, levels, tokens, nano}
 end
 
 if #batch[2] > 0 then
@@ -161,7 +173,8 @@ if #batch[2] > 0 then
 end
 for _, unit in ipairs(batch[2]) do
   if redis.call('ZADD', KEYS[1], 'NX', num(now), unit[1]) == 1 then
-    for i = 2, #unit do settle(unit[i]) end
+    for _, record in ipairs(unit[2]) do settle(record) end
+    for _, entry in ipairs(unit[3]) do count(entry) end
   end
 end
 local renewals = batch[3]
@@ -187,6 +200,7 @@ return cjson.encode(results)
 BATCH_LUA = MATH_LUA + f"local SETTLED_MEMORY_S = {SETTLED_MEMORY_S}\n" + _BATCH
 
 # KEYS[1]: the replicas sorted set; ARGV: replica id, seconds it counts as live (0: leaving).
+# -> {live replicas, Redis time: seconds, microseconds}
 HEARTBEAT_LUA = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -196,7 +210,7 @@ if tonumber(ARGV[2]) > 0 then
 else
   redis.call('ZREM', KEYS[1], ARGV[1])
 end
-return redis.call('ZCARD', KEYS[1])
+return {redis.call('ZCARD', KEYS[1]), tonumber(clock[1]), tonumber(clock[2])}
 """
 
 
@@ -219,9 +233,10 @@ class KeyNames:
             name = self._cache[bucket.id] = f"{self._tag}:{kind}:{bucket.id}"
         return name
 
-    def budget(self, key_name: str) -> str:
-        """The tokens recorded against a key's budget; never expires."""
-        return f"{self._tag}:budget:{key_name}"
+    def usage(self, key_name: str, period: str) -> str:
+        """A hash of a key's usage in one period (`proxy.usage` names its fields); it expires
+        once the period is long past (`periods.Period.expire_at`), `total` never."""
+        return f"{self._tag}:usage:{period}:{key_name}"
 
 
 class Batch:
@@ -237,15 +252,21 @@ class Batch:
         self._renewals: list[object] = []
         self._admissions: list[list[object]] = []
 
-    def add_unit(self, unit_id: str, records: Sequence[Record]) -> None:
-        """Settlements applied together, at most once per `unit_id`."""
-        unit: list[object] = [unit_id]
-        for member, leases, reserved, budget_key, used in records:
+    def add_unit(self, unit_id: str, records: Sequence[Record], usage: UsageLedger | None = None) -> None:
+        """Settlements and usage counted together, at most once per `unit_id`."""
+        settles: list[object] = []
+        for member, leases, reserved, used in records:
             lease_refs = [self._ref(self._names.bucket(bucket)) for bucket in leases]
             rates = [[self._ref(self._names.bucket(b)), b.limit, n] for b, n in reserved]
-            budget = self._ref(self._names.budget(budget_key)) if budget_key is not None else 0
-            unit.append([member, lease_refs, rates, budget, used])
-        self._units.append(unit)
+            settles.append([member, lease_refs, rates, used])
+        counts: list[object] = []
+        if usage is not None:
+            for (key, period), figures in usage.periods.items():
+                entry: list[object] = [self._ref(self._names.usage(key, period)), usage.expiry[key, period]]
+                for field, amount in figures.fields():
+                    entry += (field, amount)
+                counts.append(entry)
+        self._units.append([unit_id, settles, counts])
 
     def add_renewal(self, bucket: Bucket, member: str) -> None:
         self._renewals += (self._ref(self._names.bucket(bucket)), member)
@@ -256,12 +277,14 @@ class Batch:
              amount_for(b, ask.tokens)]
             for b in ask.buckets
         ]
-        budget_key, budget_limit = ask.budget_key, ask.budget_limit
-        if budget_key is None or budget_limit is None:
-            self._admissions.append([member, specs, 0, 0])
+        budget = ask.budget
+        if budget is None:
+            self._admissions.append([member, specs, 0, -1, -1])
         else:
-            budget = self._ref(self._names.budget(budget_key))
-            self._admissions.append([member, specs, budget, budget_limit])
+            usage = self._ref(self._names.usage(budget.key, budget.period))
+            tokens = -1 if budget.tokens is None else budget.tokens
+            nano_usd = -1 if budget.nano_usd is None else budget.nano_usd
+            self._admissions.append([member, specs, usage, tokens, nano_usd])
 
     def payload(self, lease_ttl_s: float) -> bytes:
         header = [lease_ttl_s, CONCURRENCY_RETRY_S]
@@ -278,20 +301,23 @@ class Batch:
 
 def decode_outcome(
     member: str, ask: Ask, result: list[Any]
-) -> tuple[Grant | Refusal, int | None]:
-    """One admission's answer from BATCH_LUA, and the budget count Redis showed (if checked)."""
-    admitted, position, retry_after, flat, used = result
+) -> tuple[Grant | Refusal, tuple[int, int] | None]:
+    """One admission's answer from BATCH_LUA, and the budget counts Redis showed (if checked):
+    (tokens, nano-dollars)."""
+    admitted, position, retry_after, flat, tokens, nano_usd = result
     buckets = ask.buckets
     levels = {b.id: (flat[2 * i], flat[2 * i + 1]) for i, b in enumerate(buckets)}
-    seen = int(used) if used >= 0 else None
+    seen = (int(tokens), int(nano_usd)) if isinstance(tokens, str) else None
     if not admitted:
-        return Refusal(buckets[position - 1] if position else None, retry_after, levels), seen
+        if position:
+            return Refusal(buckets[position - 1], retry_after, levels), seen
+        spent = ask.budget.spent(*seen) if ask.budget is not None and seen is not None else ""
+        return Refusal(None, 0.0, levels, spent or "tokens"), seen
     grant = Grant(
         id=member,
         levels=levels,
         leases=tuple(b for b in buckets if b.dimension == CONCURRENCY),
         reserved=tuple((b, amount_for(b, ask.tokens)) for b in buckets if b.dimension == TPM),
-        budget_key=ask.budget_key,
         remote=True,
     )
     return grant, seen

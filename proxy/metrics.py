@@ -61,6 +61,10 @@ class Metrics:
             "llm_proxy_tokens_total", "Tokens used, from upstream usage reports.",
             ("api", "model", "key", "type"), registry=registry,
         ))
+        self.cost = _cached(Counter(
+            "llm_proxy_cost_usd", "Spend in USD at the models' prices, from settled usage.",
+            ("model", "key"), registry=registry,
+        ))
         self.rejections = _cached(Counter(
             "llm_proxy_ratelimit_rejections_total", "Requests refused by a rate limit or budget.",
             ("scope", "dimension"), registry=registry,

@@ -24,6 +24,7 @@ from .call import Call
 from .chat_api import CHAT
 from .clientapi import ClientApi
 from .count_tokens import count_tokens
+from .cost import usd
 from .errors import GatewayError
 from .forward import forward
 from .guardrails.stage import guard_request
@@ -205,6 +206,7 @@ def settle(call: Call, response: web.StreamResponse | None, state: ServerState) 
             "error_type": call.error_type,
             "prompt_tokens": call.prompt_tokens,
             "completion_tokens": call.completion_tokens,
+            "cost_usd": usd(call.cost_nano),
             "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
             "duration_ms": round(duration * 1000, 3),
             "stream": parsed.stream if parsed is not None else False,

@@ -8,11 +8,13 @@ without Redis. Must not import aiohttp or redis, nor know how a refusal is rende
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .config import Limits
+from .periods import PeriodClock
+from .usage import Charge, PeriodUsage, UsageLedger
 
 RPM = "rpm"
 TPM = "tpm"
@@ -91,20 +93,37 @@ def amount_for(bucket: Bucket, tokens: int) -> int:
     return 1
 
 
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A key's budgets for one period: checked at admission against what that period recorded."""
+
+    key: str  # key name
+    period: str  # period id (`periods.Period.id`)
+    tokens: int | None = None  # budget_tokens
+    nano_usd: int | None = None  # budget_usd in nano-dollars
+
+    def spent(self, tokens: int, nano_usd: int) -> str:
+        """Which budget the recorded usage has reached: "tokens", "usd", or "" (neither)."""
+        if self.tokens is not None and tokens >= self.tokens:
+            return "tokens"
+        if self.nano_usd is not None and nano_usd >= self.nano_usd:
+            return "usd"
+        return ""
+
+
 @dataclass(slots=True)
 class Ask:
     """One admission: every bucket the request takes from, and the budget it is checked against."""
 
     buckets: Sequence[Bucket]
     tokens: int  # reservation for tpm buckets (each capped at that bucket's limit)
-    budget_key: str | None = None  # key name whose budget is checked
-    budget_limit: int | None = None
+    budget: Budget | None = None
 
 
 class Grant:
     """An admitted request's holdings, handed back to `Limiter.settle` (once; again is a no-op)."""
 
-    __slots__ = ("id", "levels", "leases", "reserved", "budget_key", "remote", "settled")
+    __slots__ = ("id", "levels", "leases", "reserved", "remote", "settled")
 
     def __init__(
         self,
@@ -113,14 +132,12 @@ class Grant:
         levels: Levels,
         leases: tuple[Bucket, ...],
         reserved: tuple[tuple[Bucket, int], ...],
-        budget_key: str | None,
         remote: bool = False,
     ) -> None:
         self.id = id
         self.levels = levels  # bucket id -> (remaining after the take, seconds until full)
         self.leases = leases  # concurrency buckets holding a lease
         self.reserved = reserved  # tpm buckets and the tokens taken from each
-        self.budget_key = budget_key
         self.remote = remote  # issued by the shared store, not a process-local one
         self.settled = False
 
@@ -132,15 +149,25 @@ class Refusal:
     bucket: Bucket | None  # None when the budget refused (→ 402)
     retry_after_s: float
     levels: Levels
+    budget: str = ""  # which budget refused: "tokens" | "usd"
 
 
 class Limiter(Protocol):
+    period_clock: PeriodClock  # "now" for budget periods
+
     @property
     def degraded(self) -> bool: ...
 
     async def admit(self, ask: Ask) -> Grant | Refusal: ...
 
     def settle(self, grant: Grant, used_tokens: int) -> None: ...
+
+    def record(self, charge: Charge) -> None:
+        """Counts a settled request against its key's period (budgets and the usage report)."""
+
+    async def usage(self, wanted: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], PeriodUsage]:
+        """The usage recorded for each (key name, period id) in `wanted`."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -150,11 +177,14 @@ class Limiter(Protocol):
 class LocalLimiter:
     """The in-process store: the same semantics as the shared one, for one replica (or fallback)."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, period_clock: PeriodClock | None = None
+    ) -> None:
         self._clock = clock
+        self.period_clock = period_clock or PeriodClock()
         self._rates: dict[str, list[float]] = {}  # bucket id -> [level, updated]
         self._held: dict[str, int] = {}  # bucket id -> leases in flight
-        self._used: dict[str, int] = {}  # key name -> tokens recorded against its budget
+        self.ledger = UsageLedger()
 
     @property
     def degraded(self) -> bool:
@@ -175,9 +205,9 @@ class LocalLimiter:
             levels[bucket.id] = (level, full)
             if wait > longest:
                 refusing, longest = bucket, wait
-        if ask.budget_key is not None and ask.budget_limit is not None:
-            if self._used.get(ask.budget_key, 0) >= ask.budget_limit:
-                return Refusal(None, 0.0, levels)
+        budget = ask.budget
+        if budget is not None and (spent := budget.spent(*self.ledger.spent(budget.key, budget.period))):
+            return Refusal(None, 0.0, levels, spent)
         if refusing is not None:
             return Refusal(refusing, longest, levels)
         return self._take(ask, levels, now)
@@ -194,11 +224,12 @@ class LocalLimiter:
             state = self._rates[bucket.id]
             level = refill(state[0], state[1], bucket.limit, now)
             state[0], state[1] = settle_level(level, bucket.limit, reserved, used), now
-        if grant.budget_key is not None:
-            self._used[grant.budget_key] = self._used.get(grant.budget_key, 0) + used
 
-    def budget_used(self, key: str) -> int:
-        return self._used.get(key, 0)
+    def record(self, charge: Charge) -> None:
+        self.ledger.add(charge)
+
+    async def usage(self, wanted: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], PeriodUsage]:
+        return {where: self.ledger.periods.get(where) or PeriodUsage() for where in wanted}
 
     async def start(self) -> None:
         return None
@@ -240,5 +271,4 @@ class LocalLimiter:
             levels=levels,
             leases=tuple(leases),
             reserved=tuple(reserved),
-            budget_key=ask.budget_key,
         )

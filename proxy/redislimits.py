@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -22,10 +22,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from . import errors
 from .config import RedisConfig
 from .limitscript import BATCH_LUA, HEARTBEAT_LUA, Batch, KeyNames, Record, decode_outcome
 from .outage import OutageFallback
+from .periods import PeriodClock
 from .ratelimit import CONCURRENCY, Ask, Bucket, Grant, Refusal, settled_tokens
+from .usage import Charge, PeriodUsage, UsageLedger
 
 log = logging.getLogger("llm_proxy.redislimits")
 
@@ -43,6 +46,8 @@ LIVE_HEARTBEATS = 3
 FAILURES = (RedisError, OSError, TimeoutError)
 
 Outcome = Grant | Refusal | None  # None: Redis could not decide; fall back
+# Settlements and usage applied at most once, under the unit's id.
+Unit = tuple[str, list[Record], UsageLedger | None]
 
 
 @dataclass(slots=True)
@@ -66,6 +71,7 @@ class RedisLimiter:
         replica_id: str | None = None,
         lease_ttl_s: float = LEASE_TTL_S,
         heartbeat_s: float = HEARTBEAT_S,
+        period_clock: PeriodClock | None = None,
     ) -> None:
         self._timeout_s = config.timeout_ms / 1000
         self._fallback = OutageFallback(fail_closed=config.on_error == "fail_closed")
@@ -80,7 +86,8 @@ class RedisLimiter:
         self._seq = 0
         self._waiters: list[_Waiter] = []
         self._settles: list[Record] = []
-        self._retry_units: list[tuple[str, list[Record]]] = []
+        self._pending = UsageLedger()  # usage recorded here that Redis has yet to count
+        self._retry_units: list[Unit] = []
         self._renewals: list[tuple[Bucket, str]] = []
         self._live: dict[str, Grant] = {}  # unsettled shared grants holding leases
         self._flush_waiters: list[asyncio.Future[None]] = []
@@ -92,6 +99,8 @@ class RedisLimiter:
         self._linger: asyncio.TimerHandle | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.script_calls = 0  # batch script calls sent: how well admissions coalesce
+        # periods are read on Redis' clock, measured by every heartbeat
+        self.period_clock = period_clock or PeriodClock()
 
     @property
     def degraded(self) -> bool:
@@ -143,7 +152,33 @@ class RedisLimiter:
         if grant.remote:
             grant.settled = True
             self._live.pop(grant.id, None)
-            self._settles.append((grant.id, grant.leases, grant.reserved, grant.budget_key, used))
+            self._settles.append((grant.id, grant.leases, grant.reserved, used))
+        self._linger_flush()
+
+    def record(self, charge: Charge) -> None:
+        """Queues the usage for the next script call; kept through an outage, never dropped."""
+        self._pending.add(charge)
+        self._fallback.record(charge)
+        self._linger_flush()
+
+    async def usage(self, wanted: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], PeriodUsage]:
+        """What Redis counted, once this replica's own pending usage is in: the same answer on
+        every replica. 503 while Redis cannot answer."""
+        await self.flush()
+        if self._degraded or self._closed:
+            raise errors.usage_unavailable()
+        pipe = self._client.pipeline(transaction=False)
+        for key, period in wanted:
+            pipe.hgetall(self._names.usage(key, period))
+        found = await self._bounded(pipe.execute())
+        if found is None:
+            raise errors.usage_unavailable()
+        return {
+            where: PeriodUsage.from_fields({k.decode(): int(v) for k, v in fields.items()})
+            for where, fields in zip(wanted, found)
+        }
+
+    def _linger_flush(self) -> None:
         if self._linger is None and not self._degraded and self._loop is not None:
             wake = self._ensure_flusher()
             self._linger = self._loop.call_later(SETTLE_LINGER_S, wake.set)
@@ -222,8 +257,7 @@ class RedisLimiter:
 
     def _has_work(self) -> bool:
         return bool(
-            self._waiters or self._settles or self._fallback.backlog or self._retry_units
-            or self._renewals
+            self._waiters or self._settles or self._pending or self._retry_units or self._renewals
         )
 
     async def _send(self) -> None:
@@ -234,8 +268,8 @@ class RedisLimiter:
         waiters, self._waiters = self._waiters, []
         units = self._take_units()
         batch = Batch(self._names)
-        for unit_id, records in units:
-            batch.add_unit(unit_id, records)
+        for unit_id, records, usage in units:
+            batch.add_unit(unit_id, records, usage)
         for bucket, member in self._renewals:
             batch.add_renewal(bucket, member)
         self._renewals = []
@@ -264,16 +298,13 @@ class RedisLimiter:
         for waiter, result in zip(waiters, orjson.loads(raw)):
             self._resolve(waiter, result)
 
-    def _take_units(self) -> list[tuple[str, list[Record]]]:
+    def _take_units(self) -> list[Unit]:
         units, self._retry_units = self._retry_units, []
-        records = self._settles
-        backlog = self._fallback.take_backlog()
-        if backlog:
-            records += [("", (), (), key, used) for key, used in backlog.items()]
-        if records:
+        records, self._settles = self._settles, []
+        usage = self._pending.take() if self._pending else None
+        if records or usage is not None:
             self._seq += 1
-            units.append((f"{self._replica}:u{self._seq}", records))
-            self._settles = []
+            units.append((f"{self._replica}:u{self._seq}", records, usage))
         return units
 
     async def _bounded(self, call: Awaitable[T]) -> T | None:
@@ -338,28 +369,33 @@ class RedisLimiter:
                 waiter.future.set_result(None)
             leases = tuple(b for b in waiter.ask.buckets if b.dimension == CONCURRENCY)
             if leases:
-                self._settles.append((waiter.member, leases, (), None, 0))
+                self._settles.append((waiter.member, leases, (), 0))
 
     def _resolve(self, waiter: _Waiter, result: list[Any]) -> None:
-        outcome, used = decode_outcome(waiter.member, waiter.ask, result)
-        if used is not None and waiter.ask.budget_key is not None:
-            self._fallback.see_budget(waiter.ask.budget_key, used)
+        outcome, seen = decode_outcome(waiter.member, waiter.ask, result)
+        budget = waiter.ask.budget
+        if seen is not None and budget is not None:
+            self._fallback.see_budget(budget.key, budget.period, *seen)
         if not waiter.future.done():
             if isinstance(outcome, Grant) and outcome.leases:
                 self._live[outcome.id] = outcome
             waiter.future.set_result(outcome)
         elif isinstance(outcome, Grant):
             # Its admission already fell back (deadline) or went away (cancelled): give it back.
-            self._settles.append((outcome.id, outcome.leases, outcome.reserved, None, 0))
+            self._settles.append((outcome.id, outcome.leases, outcome.reserved, 0))
 
     async def _heartbeat(self) -> None:
         if self._degraded:
             return
         ttl = self._heartbeat_s * LIVE_HEARTBEATS
-        count = await self._bounded(
+        clock = self.period_clock
+        sent_at = clock.wall()
+        answer = await self._bounded(
             self._heartbeat_script(keys=[self._names.replicas], args=[self._replica, ttl])
         )
-        if count is not None:
+        if answer is not None:
+            count, seconds, micros = answer
+            clock.see_server_time(int(seconds) + int(micros) / 1_000_000, sent_at, clock.wall())
             self._fallback.see_replicas(max(1, int(count)))
 
     async def _renew(self) -> None:

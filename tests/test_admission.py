@@ -155,7 +155,7 @@ async def test_fail_open_serves_through_an_outage_and_shares_again_after_a_resta
     raw = aioredis.Redis.from_url(redis_server.url)
     try:
         async with asyncio.timeout(5):  # the outage's usage reaches Redis: 6 requests × 7 tokens
-            while await raw.get("{llm-proxy}:budget:team-a") != b"42":
+            while await raw.hget("{llm-proxy}:usage:total:team-a", "t") != b"42":
                 await asyncio.sleep(0.05)
     finally:
         await raw.aclose()

@@ -61,7 +61,7 @@ async def test_an_upstream_reporting_absurd_usage_breaks_no_shared_limit(
     raw = aioredis.Redis.from_url(redis_server.url)
     try:
         # each request charged its reservation (the absurd figures were ignored), all in Redis
-        used = int(await raw.get(f"{HASH_TAG}:budget:team-a") or 0)
+        used = int(await raw.hget(f"{HASH_TAG}:usage:total:team-a", "t") or 0)
     finally:
         await raw.aclose()
     assert 0 < used < 5 * 2000

@@ -76,7 +76,7 @@ providers:
     accounts:
       - {{name: dead-1, api_key: sk-upstream-3}}
 models:
-  demo-chat: {{targets: [{{provider: mock}}]}}
+  demo-chat: {{targets: [{{provider: mock}}], price: {{input: 2.5, cached_input: 1.25, output: 10}}}}
   flaky-chat: {{targets: [{{provider: flaky, model: upstream-model}}]}}
   dead-chat: {{targets: [{{provider: dead}}], fallbacks: [demo-chat]}}
   dead-only: {{targets: [{{provider: dead}}]}}
@@ -184,7 +184,8 @@ def test_dashboard_provisions_from_files_on_any_prometheus_datasource() -> None:
                    "llm_proxy_time_to_first_token_seconds_bucket", "llm_proxy_overhead_seconds_bucket",
                    "llm_proxy_tokens_total", "llm_proxy_inflight_requests", "llm_proxy_breaker_state",
                    "llm_proxy_account_available", "llm_proxy_ratelimit_rejections_total", "llm_proxy_retries_total",
-                   "llm_proxy_fallbacks_total", "llm_proxy_redis_degraded", "llm_proxy_upstream_requests_total"):
+                   "llm_proxy_fallbacks_total", "llm_proxy_redis_degraded", "llm_proxy_upstream_requests_total",
+                   "llm_proxy_cost_usd_total"):
         assert metric in exprs, f"no panel shows {metric}"
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from proxy.config import Limits
+from proxy.periods import TOTAL, Period
 from proxy.ratelimit import (
     CONCURRENCY_RETRY_S,
     Ask,
     Bucket,
+    Budget,
     Grant,
     LocalLimiter,
     Refusal,
@@ -19,6 +21,7 @@ from proxy.ratelimit import (
     until_full_s,
     wait_s,
 )
+from proxy.usage import Charge
 
 # (level, updated, limit, now) -> level at now
 REFILL_CASES = [
@@ -188,18 +191,31 @@ def test_longest_wait_names_the_refusal(limiter: LocalLimiter) -> None:
     assert refusal.bucket == rpm and refusal.retry_after_s == pytest.approx(60)
 
 
-def test_budget_counts_settled_usage(limiter: LocalLimiter) -> None:
+def charge(key: str, tokens: int, nano_usd: int | None = 0, period: Period = TOTAL, model: str = "m") -> Charge:
+    """A settled request of `tokens` (all prompt) costing `nano_usd`."""
+    return Charge(key, period, model, tokens, 0, 0, 0, tokens, nano_usd)
+
+
+def test_budget_counts_recorded_usage(limiter: LocalLimiter) -> None:
     rpm = Bucket("key", "a", "rpm", 100)
-    ask = Ask([rpm], tokens=10, budget_key="a", budget_limit=100)
-    grant = granted(limiter.admit_now(ask))
-    limiter.settle(grant, 60)
-    last = granted(limiter.admit_now(ask))  # 60 < 100: the last one may overshoot
-    limiter.settle(last, 60)
-    limiter.settle(last, 60)
-    assert limiter.budget_used("a") == 120
+    ask = Ask([rpm], tokens=10, budget=Budget("a", "total", tokens=100))
+    limiter.settle(granted(limiter.admit_now(ask)), 60)
+    limiter.record(charge("a", 60))
+    granted(limiter.admit_now(ask))  # 60 < 100: the last one may overshoot
+    limiter.record(charge("a", 60))
+    assert limiter.ledger.spent("a", "total") == (120, 0)
     refusal = refused(limiter.admit_now(ask))
-    assert refusal.bucket is None and rpm.id in refusal.levels
-    granted(limiter.admit_now(Ask([rpm], tokens=10, budget_key="b", budget_limit=100)))
+    assert refusal.bucket is None and refusal.budget == "tokens" and rpm.id in refusal.levels
+    granted(limiter.admit_now(Ask([rpm], tokens=10, budget=Budget("b", "total", tokens=100))))
+    granted(limiter.admit_now(Ask([rpm], tokens=10, budget=Budget("a", "day:2026-12-02", tokens=100))))
+
+
+def test_a_money_budget_refuses_once_its_cost_is_reached(limiter: LocalLimiter) -> None:
+    ask = Ask([], tokens=10, budget=Budget("a", "total", tokens=10_000, nano_usd=1000))
+    limiter.record(charge("a", 5, nano_usd=999))
+    granted(limiter.admit_now(ask))
+    limiter.record(charge("a", 5, nano_usd=1))
+    assert refused(limiter.admit_now(ask)).budget == "usd"
 
 
 async def test_admit_is_the_same_decision(limiter: LocalLimiter) -> None:

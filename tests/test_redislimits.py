@@ -19,6 +19,7 @@ from proxy.ratelimit import (
     MAX_TOKENS,
     Ask,
     Bucket,
+    Budget,
     Grant,
     LocalLimiter,
     Refusal,
@@ -27,9 +28,10 @@ from proxy.ratelimit import (
     wait_s,
 )
 from proxy.redislimits import RedisLimiter
+from proxy.cost import MAX_COST_NANO
 
 from .redisproc import RedisProcess
-from .test_ratelimit import REFILL_CASES, SETTLE_CASES, WAIT_CASES, granted, refused
+from .test_ratelimit import REFILL_CASES, SETTLE_CASES, WAIT_CASES, charge, granted, refused
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -178,13 +180,18 @@ async def test_all_or_nothing(make_store: MakeStore) -> None:
 async def test_budget_is_402_once_spent(make_store: MakeStore) -> None:
     store = await make_store()
     rpm = Bucket("key", "a", "rpm", 100)
-    ask = Ask([rpm], tokens=10, budget_key="a", budget_limit=100)
-    store.settle(granted(await store.admit(ask)), 60)
-    store.settle(granted(await store.admit(ask)), 60)  # under budget when admitted: may overshoot
+    ask = Ask([rpm], tokens=10, budget=Budget("a", "total", tokens=100))
+    for _ in range(2):  # under budget when admitted: may overshoot
+        store.settle(granted(await store.admit(ask)), 60)
+        store.record(charge("a", 60))
     refusal = refused(await store.admit(ask))
-    assert refusal.bucket is None
+    assert refusal.bucket is None and refusal.budget == "tokens"
     assert refusal.levels[rpm.id][0] == pytest.approx(98, abs=0.1)
-    granted(await store.admit(Ask([rpm], tokens=10, budget_key="b", budget_limit=100)))
+    granted(await store.admit(Ask([rpm], tokens=10, budget=Budget("b", "total", tokens=100))))
+    money = Budget("a", "total", nano_usd=1500)
+    granted(await store.admit(Ask([rpm], tokens=10, budget=money)))
+    store.record(charge("a", 1, nano_usd=1500))
+    assert refused(await store.admit(Ask([rpm], tokens=10, budget=money))).budget == "usd"
 
 
 async def test_levels_for_headers(make_store: MakeStore) -> None:
@@ -198,13 +205,13 @@ async def test_levels_for_headers(make_store: MakeStore) -> None:
 async def test_settlement_is_idempotent(make_store: MakeStore) -> None:
     store = await make_store()
     tpm = Bucket("key", "a", "tpm", 600)
-    ask = Ask([tpm], tokens=300, budget_key="a", budget_limit=150)
+    ask = Ask([tpm], tokens=300)
     grant = granted(await store.admit(ask))
     store.settle(grant, 100)
     store.settle(grant, 100)
     store.settle(grant, 5000)
-    after = granted(await store.admit(ask))  # 100 < 150: twice would have spent the budget
-    assert after.levels[tpm.id][0] == pytest.approx(200, abs=3)
+    after = granted(await store.admit(ask))
+    assert after.levels[tpm.id][0] == pytest.approx(200, abs=3)  # 600 - 300 + 300 - 100 - 300
 
 
 async def test_concurrent_admissions_are_exact(make_store: MakeStore) -> None:
@@ -264,13 +271,15 @@ async def test_keys_share_one_hash_tag_and_scripts_reload(
     limiter = await make_redis()
     buckets = [Bucket("key", "a", "rpm", 9), Bucket("model", "m", "tpm", 900),
                Bucket("account", "p/x", "concurrency", 9)]
-    limiter.settle(granted(await limiter.admit(Ask(buckets, 10, "a", 1000))), 20)
+    budget = Budget("a", "total", tokens=1000)
+    limiter.settle(granted(await limiter.admit(Ask(buckets, 10, budget))), 20)
+    limiter.record(charge("a", 20))
     await limiter.flush()
     keys = [key.decode() if isinstance(key, bytes) else key for key in await raw.keys("*")]
     assert len(keys) >= 4 and all(key.startswith(HASH_TAG + ":") for key in keys)
     await raw.script_flush()
-    granted(await limiter.admit(Ask(buckets, 10, "a", 1000)))  # NOSCRIPT: loaded again
-    assert await raw.get(HASH_TAG + ":budget:a") == b"20"
+    granted(await limiter.admit(Ask(buckets, 10, budget)))  # NOSCRIPT: loaded again
+    assert await raw.hget(HASH_TAG + ":usage:total:a", "t") == b"20"
 
 
 async def test_outage_fail_open(
@@ -282,8 +291,9 @@ async def test_outage_fail_open(
     await limiter.start()
     assert limiter.replicas == 2
     rpm = Bucket("key", "a", "rpm", 40)
-    ask = Ask([rpm], tokens=10, budget_key="a", budget_limit=10_000)
+    ask = Ask([rpm], tokens=10, budget=Budget("a", "total", tokens=10_000))
     limiter.settle(granted(await limiter.admit(ask)), 7)
+    limiter.record(charge("a", 7))
     await limiter.flush()
     redis_server.stop()
     loop = asyncio.get_running_loop()
@@ -297,10 +307,11 @@ async def test_outage_fail_open(
     assert len(grants) == 20  # local buckets of 40 ÷ 2 replicas
     for grant in grants:
         limiter.settle(grant, 5)
+        limiter.record(charge("a", 5))
     await asyncio.to_thread(redis_server.start)  # restarted empty: no persistence
     await wait_until(lambda: not limiter.degraded)
     await limiter.flush()
-    assert await raw.get(HASH_TAG + ":budget:a") == b"100"  # kept through the outage
+    assert await raw.hget(HASH_TAG + ":usage:total:a", "t") == b"100"  # kept through the outage
     calls = limiter.script_calls
     granted(await limiter.admit(ask))
     assert limiter.script_calls == calls + 1  # shared again
@@ -332,12 +343,13 @@ async def test_unresponsive_redis_never_hangs_a_call(
 ) -> None:
     limiter = await make_redis()
     rpm = Bucket("key", "a", "rpm", 40)
-    ask = Ask([rpm], tokens=1, budget_key="a", budget_limit=1000)
+    ask = Ask([rpm], tokens=1, budget=Budget("a", "total", tokens=1000))
     grant = granted(await limiter.admit(ask))
     redis_server.pause()
     try:
         loop = asyncio.get_running_loop()
         limiter.settle(grant, 70)
+        limiter.record(charge("a", 70))
         for _ in range(5):  # three timeouts in a row: unreachable
             started = loop.time()
             granted(await limiter.admit(ask))
@@ -348,19 +360,20 @@ async def test_unresponsive_redis_never_hangs_a_call(
     await wait_until(lambda: not limiter.degraded)
     await limiter.flush()
     # The timed-out calls may have run once Redis woke; the settlement still counts once.
-    assert await raw.get(HASH_TAG + ":budget:a") == b"70"
+    assert await raw.hget(HASH_TAG + ":usage:total:a", "t") == b"70"
 
 
 async def test_close_flushes_pending_settlements(
     make_redis: MakeRedis, raw: aioredis.Redis
 ) -> None:
     limiter = await make_redis()
-    ask = Ask([Bucket("key", "a", "rpm", 40)], tokens=1, budget_key="a", budget_limit=1000)
+    ask = Ask([Bucket("key", "a", "rpm", 40)], tokens=1, budget=Budget("a", "total", tokens=1000))
     grants = await asyncio.gather(*(limiter.admit(ask) for _ in range(10)))
     for grant in grants:
         limiter.settle(granted(grant), 3)
+        limiter.record(charge("a", 3))
     await limiter.close()
-    assert await raw.get(HASH_TAG + ":budget:a") == b"30"
+    assert await raw.hget(HASH_TAG + ":usage:total:a", "t") == b"30"
 
 
 async def test_a_grant_decided_as_its_admission_is_cancelled_is_given_back(
@@ -394,15 +407,18 @@ async def test_an_absurd_usage_figure_cannot_poison_the_shared_store(
     make_redis: MakeRedis, raw: aioredis.Redis
 ) -> None:
     limiter = await make_redis(on_error="fail_closed")
-    ask = Ask([Bucket("key", "a", "rpm", 1000)], tokens=1, budget_key="a", budget_limit=1 << 50)
+    ask = Ask([Bucket("key", "a", "rpm", 1000)], tokens=1, budget=Budget("a", "total", tokens=1 << 52))
     for absurd in (1 << 64, 1 << 70, -(1 << 64)):
         limiter.settle(granted(await limiter.admit(ask)), absurd)
+        # the most a charge can hold: usage figures are capped at MAX_TOKENS, costs at MAX_COST_NANO
+        limiter.record(charge("a", 2 * MAX_TOKENS, nano_usd=MAX_COST_NANO))
         await limiter.flush()
     calls = limiter.script_calls
     for _ in range(3):
         granted(await limiter.admit(ask))  # still decided by Redis, not refused with 503
     assert limiter.script_calls > calls and not limiter.degraded
-    assert int(await raw.get(HASH_TAG + ":budget:a") or 0) == 2 * MAX_TOKENS
+    assert int(await raw.hget(HASH_TAG + ":usage:total:a", "t") or 0) == 6 * MAX_TOKENS
+    assert int(await raw.hget(HASH_TAG + ":usage:total:a", "c") or 0) == 3 * MAX_COST_NANO
 
 
 async def test_a_record_that_cannot_be_encoded_is_dropped_not_retried_for_ever(
@@ -412,7 +428,7 @@ async def test_a_record_that_cannot_be_encoded_is_dropped_not_retried_for_ever(
     tpm = Bucket("key", "a", "tpm", 1000)
     # no admission issues such a grant (reservations are capped at the bucket's size): the
     # defence behind the clamps, should one ever be missed
-    poisoned = Grant(id="x:1", levels={}, leases=(), reserved=((tpm, 1 << 70),), budget_key=None, remote=True)
+    poisoned = Grant(id="x:1", levels={}, leases=(), reserved=((tpm, 1 << 70),), remote=True)
     limiter.settle(poisoned, 1)
     await limiter.flush()
     assert "cannot be encoded" in caplog.text

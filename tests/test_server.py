@@ -40,8 +40,8 @@ async def test_access_log_has_one_line_per_request_without_secrets(serve: Any) -
     lines = [orjson.loads(line) for line in process.stdout.splitlines()]
     assert [(line["status"], line["stream"]) for line in lines] == [(200, False), (200, True), (401, False)]
     fields = {"time", "request_id", "api", "key", "model", "provider", "provider_type", "account", "attempts",
-              "status", "error_type", "prompt_tokens", "completion_tokens", "ttft_ms", "duration_ms", "stream",
-              "guardrails"}
+              "status", "error_type", "prompt_tokens", "completion_tokens", "cost_usd", "ttft_ms", "duration_ms",
+              "stream", "guardrails"}
     assert all(set(line) == fields for line in lines)
     assert [line["provider_type"] for line in lines] == ["mock", "mock", None]
     assert [line["api"] for line in lines] == ["chat", "chat", "chat"]
