@@ -214,6 +214,17 @@ return {redis.call('ZCARD', KEYS[1]), tonumber(clock[1]), tonumber(clock[2])}
 """
 
 
+# A lifetime token count of the layout before budget periods, moved into the `total` period's
+# hash (field `t`, what a token budget checks) and deleted, atomically.
+CARRY_OVER_LUA = """
+local old = redis.call('GET', KEYS[1])
+if not old then return 0 end
+redis.call('HINCRBY', KEYS[2], 't', old)
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
 class KeyNames:
     """Redis key names under one hash tag, each computed once per bucket or key name."""
 
@@ -232,6 +243,10 @@ class KeyNames:
             kind = "lease" if bucket.dimension == CONCURRENCY else "rate"
             name = self._cache[bucket.id] = f"{self._tag}:{kind}:{bucket.id}"
         return name
+
+    def legacy_budget(self, key_name: str) -> str:
+        """The lifetime token count of a key before budget periods (`carry_over_budgets`)."""
+        return f"{self._tag}:budget:{key_name}"
 
     def usage(self, key_name: str, period: str) -> str:
         """A hash of a key's usage in one period (`proxy.usage` names its fields); it expires

@@ -24,9 +24,9 @@ from redis.exceptions import RedisError
 
 from . import errors
 from .config import RedisConfig
-from .limitscript import BATCH_LUA, HEARTBEAT_LUA, Batch, KeyNames, Record, decode_outcome
+from .limitscript import BATCH_LUA, CARRY_OVER_LUA, HEARTBEAT_LUA, Batch, KeyNames, Record, decode_outcome
 from .outage import OutageFallback
-from .periods import PeriodClock
+from .periods import TOTAL, PeriodClock
 from .ratelimit import CONCURRENCY, Ask, Bucket, Grant, Refusal, settled_tokens
 from .usage import Charge, PeriodUsage, UsageLedger
 
@@ -79,6 +79,7 @@ class RedisLimiter:
         self._client = client if client is not None else _connect(config.url, self._timeout_s)
         self._batch_script = self._client.register_script(BATCH_LUA)
         self._heartbeat_script = self._client.register_script(HEARTBEAT_LUA)
+        self._carry_script = self._client.register_script(CARRY_OVER_LUA)
         self._replica = replica_id or os.urandom(6).hex()
         self._lease_ttl_s = lease_ttl_s
         self._heartbeat_s = heartbeat_s
@@ -120,6 +121,28 @@ class RedisLimiter:
             return
         self._spawn("heartbeat", self._every(self._heartbeat_s, self._heartbeat))
         self._spawn("renewal", self._every(self._lease_ttl_s / 3, self._renew))
+        self._spawn("carry-over", self._carry_over())
+
+    async def carry_over_budgets(self) -> int:
+        """Moves the lifetime token counts of the layout before budget periods (one string
+        `{tag}:budget:<key>` per key) into the `total` period's hash, once: each move is atomic
+        and deletes the old counter, so replicas starting together move each count once.
+        Returns how many counters it moved (errors are logged: the counts stay where they are)."""
+        moved = 0
+        prefix = self._names.legacy_budget("")
+        try:
+            async for name in self._client.scan_iter(match=prefix + "*", count=1000):
+                key = name.decode() if isinstance(name, bytes) else str(name)
+                if await self._carry_script(keys=[key, self._names.usage(key[len(prefix):], TOTAL.id)]):
+                    moved += 1
+        except FAILURES as exc:
+            log.warning("lifetime token budgets not carried over yet: %s", type(exc).__name__)
+        if moved:
+            log.info("carried %d lifetime token budget counters over to the total period", moved)
+        return moved
+
+    async def _carry_over(self) -> None:
+        await self.carry_over_budgets()
 
     async def admit(self, ask: Ask) -> Grant | Refusal:
         """Decided by Redis together with whatever else is waiting; locally when it cannot."""

@@ -33,6 +33,7 @@ from proxy.config import (
     Limits,
     LoggingConfig,
     ModelConfig,
+    Price,
     ProviderConfig,
     RoutingConfig,
     ServerConfig,
@@ -740,3 +741,24 @@ async def test_redaction_on_both_paths_and_in_a_passed_through_stream(start_gate
     converted = await start_gateway(guarded(config(openai_format("o", upstream.url, "a1")), *rails))
     await client(converted).messages.create(model="claude-sonnet", max_tokens=50, messages=messages)
     assert orjson.loads(upstream.requests[-1]["body"])["messages"][0]["content"] == "write to [REDACTED:EMAIL] please"
+
+
+async def test_messages_are_priced_with_their_cache_tokens(start_gateway: Any, fake: tuple[FakeAnthropic, str]) -> None:
+    """Cost of a Messages request from Anthropic's disjoint counters: uncached input at `input`,
+    cache reads at `cached_input`, cache writes at `cache_write`, output at `output` (SPEC §12);
+    the same passed through, streamed or not."""
+    upstream, url = fake
+    reply = Reply(usage=usage(100, 20, cache_read=1000, cache_write=50))
+    upstream.script(reply, reply)
+    price = Price(input=3_000_000, output=15_000_000, cached_input=300_000, cache_write=3_750_000)  # $/M × 10^6
+    base = config(claude("c", url, "ok-1"))
+    models = {name: dataclasses.replace(m, price=price) for name, m in base.models.items()}
+    lines = Lines()
+    gateway = await start_gateway(dataclasses.replace(base, models=MappingProxyType(models)), access_log=lines.log)
+    await client(gateway).messages.create(model="claude-sonnet", max_tokens=50, messages=HI)
+    async with client(gateway).messages.stream(model="claude-sonnet", max_tokens=50, messages=HI) as stream:
+        await stream.get_final_message()
+    expected = (100 * 3 + 1000 * 0.3 + 50 * 3.75 + 20 * 15) / 1e6  # USD
+    for line in await lines.wait_for(2):
+        assert (line["prompt_tokens"], line["completion_tokens"]) == (1150, 20)
+        assert line["cost_usd"] == pytest.approx(expected, abs=1e-9)

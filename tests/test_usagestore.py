@@ -89,3 +89,23 @@ async def test_periods_are_read_on_redis_time_whatever_the_replica_clock_says(
     assert abs(behind.now() - time.time()) < 5
     assert behind.current("total") is TOTAL
     assert limiter.period_clock is behind
+
+
+async def test_lifetime_token_counts_of_the_old_layout_are_carried_over_once(
+    make_redis: MakeRedis, raw: aioredis.Redis  # noqa: F811
+) -> None:
+    first, second = await make_redis(), await make_redis()  # (each starts on an empty store)
+    await raw.set(f"{HASH_TAG}:budget:team-a", 25)
+    await raw.set(f"{HASH_TAG}:budget:team-b", 7)
+    await raw.hset(f"{HASH_TAG}:usage:total:team-b", "t", 3)
+    # two replicas at once: each count moves once
+    moved = await asyncio.gather(first.carry_over_budgets(), second.carry_over_budgets())
+    assert sum(moved) == 2
+    found = await first.usage([("team-a", TOTAL.id), ("team-b", TOTAL.id)])
+    assert (found["team-a", TOTAL.id].tokens, found["team-b", TOTAL.id].tokens) == (25, 10)
+    assert await raw.exists(f"{HASH_TAG}:budget:team-a", f"{HASH_TAG}:budget:team-b") == 0
+    # a token budget of 30 now has 5 left: the carried count is what admission checks
+    assert granted(await first.admit(Ask((), 1, Budget("team-a", TOTAL.id, 30, None))))
+    first.record(charge("team-a", 5))
+    await first.flush()
+    assert refused(await first.admit(Ask((), 1, Budget("team-a", TOTAL.id, 30, None))))
