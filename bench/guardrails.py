@@ -72,7 +72,7 @@ def stage_runner(gateway: Gateway, key_name: str, body: bytes) -> Callable[[], o
 
     def run() -> object:
         call = Call(gateway=gateway, request_id="req_bench", started=0.0)
-        call.key, call.model, call.chat, call.body = key, gateway.models["bench"], chat, body
+        call.key, call.model, call.parsed, call.body = key, gateway.models["bench"], chat, body
         coroutine = guard_request(call)
         try:
             coroutine.send(None)  # never suspends below the size scanned in a worker thread

@@ -31,6 +31,7 @@ FINDS = [
     ("電話番号は 090-1234-5678 です", "phone", "090-1234-5678"),
     ("UK office 020 7946 0958", "phone", "020 7946 0958"),
     ("international 0033 6 12 34 56 78", "phone", "0033 6 12 34 56 78"),
+    ("Niue +683 4002 ok", "phone", "+683 4002"),  # seven digits: only after a `+`
     # credit_card
     ("My card is 4111 1111 1111 1111, exp 12/27", "credit_card", "4111 1111 1111 1111"),
     ("Karte 5500-0000-0000-0004 bitte belasten", "credit_card", "5500-0000-0000-0004"),
@@ -50,6 +51,8 @@ FINDS = [
     ("IPv6 2001:db8:85a3::8a2e:370:7334 here", "ip_address", "2001:db8:85a3::8a2e:370:7334"),
     ("full 2001:0db8:85a3:0000:0000:8a2e:0370:7334.", "ip_address", "2001:0db8:85a3:0000:0000:8a2e:0370:7334"),
     ("Die Adresse 192.168.178.1 ist privat", "ip_address", "192.168.178.1"),
+    # seven digits without `+` are no number candidate, so none hides the address after them
+    ("rack 12 10.1.2.3 is down", "ip_address", "10.1.2.3"),
     # secret
     ("key sk-proj-4fQxW9ZbT2LmN8pR3sV6yK1aD7hJ0cE5 leaked", "secret", "sk-proj-4fQxW9ZbT2LmN8pR3sV6yK1aD7hJ0cE5"),
     ("anthropic sk-ant-api03-Zx81kPq0LmW2nR7tY5uV9bC3dF6gH4j", "secret", "sk-ant-api03-Zx81kPq0LmW2nR7tY5uV9bC3dF6gH4j"),
@@ -80,6 +83,7 @@ NEAR_MISSES = [
     "order 8812 3345 6678 9901 shipped",  # grouped like a card, fails Luhn
     "pedido 0000000000000000",
     "Termin am 2024-01-15 um 10:30:00 Uhr",
+    "dated 2024-03-31 and 31.03.2024, id 12345678 and +1234567",
     "le 15/01/2024 à 10h30",
     "timestamp 1700000000 and 1700000000123 ms",
     "created 2024-03-05T14:07:09.123Z",

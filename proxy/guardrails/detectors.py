@@ -43,6 +43,7 @@ class Match:
 # with the categories it can turn out to be. No class here matches "\x00": texts joined with it
 # are never matched across.
 _HEX = "[0-9A-Fa-f]{1,4}"
+_DIGIT = r"(?:\d(?:[ .\-]|\) ?| ?\()?)"  # a digit and the separator after it, if any
 _SHAPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("pem", ("secret",),
      r"-----BEGIN[A-Z ]{0,30}PRIVATE KEY-----(?:\s*[A-Za-z][A-Za-z-]*: [^\n\x00]*)*[A-Za-z0-9+/=\s]*"
@@ -59,9 +60,11 @@ _SHAPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("ipv4", ("ip_address",), r"\b(?:\d{1,3}\.){3}\d{1,3}\b"),
     # two colons at least (a time of day has one), or a compressed `fe80::1`
     ("ipv6", ("ip_address",), rf"(?:\b{_HEX}|::)(?:::?{_HEX}){{2,7}}(?:::)?|\b{_HEX}::{_HEX}\b"),
+    # Digits with one separator between two. Nine at least, as few as any validator accepts
+    # (national phone numbers and SSNs 9, cards 13), seven after a `+` (the shortest
+    # international number): an 8-digit date or id is no candidate, and costs nothing.
     ("number", ("credit_card", "ssn", "phone"),
-     # seven digits at least (no phone number, card or SSN has fewer), one separator between two
-     r"(?:\+|\(|\b)(?:\d(?:[ .\-]|\) ?| ?\()?){6,40}\d\b"),
+     rf"\+{_DIGIT}{{6,40}}\d\b|(?:\(|\b){_DIGIT}{{8,40}}\d\b"),
 )
 
 # Words that put a dotted quad in a version string, in a few languages.
