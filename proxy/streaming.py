@@ -50,6 +50,8 @@ class SseScanner:
 
     __slots__ = ("strip_usage", "usage", "done", "_parts", "_held")
 
+    END = DONE  # what marks the stream's end; a protocol's scanner names its own
+
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
         self.usage: dict[str, Any] | None = None
@@ -78,7 +80,7 @@ class SseScanner:
             if self._held > MAX_EVENT_BYTES:
                 raise EventTooLarge()
             return b""
-        if not self.done and data.find(DONE) >= 0:
+        if not self.done and data.find(self.END) >= 0:
             self.done = True
         if data.find(b'"usage"') >= 0:
             data = self._take_usage(data)

@@ -104,45 +104,44 @@ class AnthropicPassThrough:
         return None  # the provider owns the transport
 
 
-class MessagesRelay:
+class MessagesRelay(SseScanner):
     """An Anthropic stream relayed as it comes (`upstream.StreamReader`).
 
-    Events are relayed whole and unchanged. Until the first content event, `message_start` and
-    `ping` are held (the client's response commits at it) and an `event: error` fails over;
-    after it, an `event: error` is relayed as the upstream sent it and ends the stream. `done`
-    once `message_stop` has passed; `usage` in OpenAI's figures, from message_start's counters
-    updated by message_delta's (cumulative; some upstreams repeat the input counts there).
+    Events are relayed whole and unchanged: `SseScanner`'s framing, with `message_stop` as the
+    end. Until the first content event, `message_start` and `ping` are held (the client's
+    response commits at it) and an `event: error` fails over; after it, an `event: error` is
+    relayed as the upstream sent it and ends the stream. `usage` in OpenAI's figures, from
+    message_start's counters updated by message_delta's (cumulative; some upstreams repeat the
+    input counts there). A raw line feed cannot occur inside a JSON string, so an event line
+    followed by one is never text that merely mentions it: each chunk is searched once per
+    marker, and only the events before the commit are looked into.
     """
 
-    __slots__ = ("committed", "done", "_scanner", "_held", "_start_usage")
+    __slots__ = ("committed", "_waiting", "_counts")
+
+    END = b"event: message_stop\n"
+    ERROR = b"event: error\n"
 
     def __init__(self) -> None:
+        super().__init__(strip_usage=False)
         self.committed = False
-        self.done = False
-        self._scanner = SseScanner(strip_usage=False)  # framing, and message_delta's usage
-        self._held: list[bytes] = []
-        self._start_usage: dict[str, Any] = {}
-
-    @property
-    def usage(self) -> dict[str, Any] | None:
-        counts = dict(self._start_usage)
-        delta = self._scanner.usage
-        if delta is not None:
-            counts.update((k, v) for k, v in delta.items() if v is not None)
-        return openai_usage(counts) if counts else None
+        self._waiting: list[bytes] = []
+        self._counts: dict[str, Any] = {}  # Anthropic's usage counters, as last reported
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._scanner.feed(chunk)
-        if not data or self.done:
+        if self.done:
+            return b""
+        data = super().feed(chunk)
+        if not data:
             return b""
         if not self.committed:
             data = self._until_content(data)
             if not data:
                 return b""
-        if data.find(b"error") >= 0:
-            self._check_errors(data)
-        if data.find(b"message_stop") >= 0 and _has_event(data, "message_stop"):
-            self.done = True
+        found = data.find(self.ERROR)
+        if found >= 0 and (found == 0 or data[found - 1] == 0x0A):
+            end = event_end(data, found, len(data))
+            raise _in_band(data[found:end], tail=data[:end])
         return data
 
     def _until_content(self, data: bytes) -> bytes:
@@ -156,28 +155,29 @@ class MessagesRelay:
                 if kind == "error":
                     raise _in_band(event, tail=b"")
                 self.committed = True
-                held, self._held = self._held, []
+                held, self._waiting = self._waiting, []
                 return b"".join((*held, data[start:]))
-            if kind == "message_start":
-                payload = event_json(event)
-                message = payload.get("message") if type(payload) is dict else None
-                usage = message.get("usage") if type(message) is dict else None
-                if type(usage) is dict:
-                    self._start_usage = usage
-            self._held.append(event)
+            self._waiting.append(event)
             start = end
         return b""
 
-    def _check_errors(self, data: bytes) -> None:
-        """After commit: an `event: error` ends the stream, relayed with what came before it."""
+    def _take_usage(self, data: bytes) -> bytes:
+        """message_start's `message.usage`, then message_delta's `usage` over it."""
         start, size = 0, len(data)
-        while (found := data.find(b"error", start)) >= 0:
+        while (found := data.find(b'"usage"', start)) >= 0:
             begin = data.rfind(b"\n\n", 0, found)
             begin = 0 if begin < 0 else begin + 2
-            end = event_end(data, found, size)
-            if _event_type(data[begin:end]) == "error":
-                raise _in_band(data[begin:end], tail=data[:end])
-            start = end
+            start = event_end(data, found, size)
+            payload = event_json(data[begin:start])
+            if type(payload) is not dict:
+                continue
+            usage = payload.get("usage")
+            if usage is None and type(payload.get("message")) is dict:
+                usage = payload["message"].get("usage")
+            if type(usage) is dict:
+                self._counts.update((k, v) for k, v in usage.items() if v is not None)
+                self.usage = openai_usage(self._counts)
+        return data
 
 
 def _event_type(event: bytes) -> str | None:
@@ -188,25 +188,6 @@ def _event_type(event: bytes) -> str | None:
     payload = event_json(event)
     kind = payload.get("type") if type(payload) is dict else None
     return kind if type(kind) is str else None
-
-
-def _has_event(data: bytes, name: str) -> bool:
-    marker = b"event: " + name.encode()
-    found = data.find(marker)
-    while found >= 0:
-        if found == 0 or data[found - 1] in b"\r\n":
-            return True
-        found = data.find(marker, found + 1)
-    return any(_event_type(data[s:e]) == name for s, e in _events(data))
-
-
-def _events(data: bytes) -> list[tuple[int, int]]:
-    spans, start, size = [], 0, len(data)
-    while start < size:
-        end = event_end(data, start, size)
-        spans.append((start, end))
-        start = end
-    return spans
 
 
 def _in_band(event: bytes, *, tail: bytes) -> InBandError:
