@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .messages_request import MessagesRequest
 
 __all__ = [
-    "Answer", "Exchange", "InBandError", "NativeMessages", "Outbound", "Prepared", "Provider",
+    "Answer", "Around", "Exchange", "InBandError", "NativeMessages", "Outbound", "Prepared", "Provider",
     "StreamReader", "UpstreamFailure",
 ]
 
@@ -108,6 +108,24 @@ class StreamReader(Protocol):
     def usage(self) -> Any: ...
 
     def feed(self, chunk: bytes) -> bytes: ...
+
+
+class Around:
+    """A `StreamReader` around another, rewriting what it returns: the stream ends, and its usage
+    is, the inner reader's. Subclasses define `feed`."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: StreamReader) -> None:
+        self._inner = inner
+
+    @property
+    def done(self) -> bool:
+        return self._inner.done
+
+    @property
+    def usage(self) -> Any:
+        return self._inner.usage
 
 
 class InBandError(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import MappingProxyType
@@ -17,6 +18,7 @@ import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy.accesslog import AccessLog
 from proxy.app import build_app
 from proxy.edge import GatewayRunner
 from proxy.config import (
@@ -262,3 +264,15 @@ async def http() -> AsyncIterator[Any]:
     async with aiohttp.ClientSession() as session:
         yield session
 
+
+@pytest.fixture
+async def log_lines() -> AsyncIterator[tuple[AccessLog, asyncio.StreamReader]]:
+    """A real access log writing into a pipe, and the pipe's other end to read its lines."""
+    read_fd, write_fd = os.pipe()
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0)
+    )
+    yield AccessLog(fd=write_fd, interval_s=0), reader
+    transport.close()
+    os.close(write_fd)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-from collections.abc import AsyncIterator
 from types import MappingProxyType
 from typing import Any
 
@@ -45,17 +43,6 @@ def guarded(config: Config, *rails: GuardrailConfig, key_limits: Limits = Limits
 def rail(name: str, action: str, **fields: Any) -> GuardrailConfig:
     return GuardrailConfig(name=name, type=fields.pop("type", "pii"), action=action, **fields)
 
-
-@pytest.fixture
-async def log_lines() -> AsyncIterator[tuple[AccessLog, asyncio.StreamReader]]:
-    read_fd, write_fd = os.pipe()
-    reader = asyncio.StreamReader()
-    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0)
-    )
-    yield AccessLog(fd=write_fd, interval_s=0), reader
-    transport.close()
-    os.close(write_fd)
 
 
 async def test_block_answers_the_exact_body_before_admission(upstream: Upstream, start_gateway: Any) -> None:

@@ -8,9 +8,7 @@ Waiting for the client is not upstream idleness: a client that pauses longer tha
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -122,18 +120,6 @@ async def wait_for(predicate: Any, timeout_s: float) -> None:
         while not predicate():
             await asyncio.sleep(0.01)
 
-
-@pytest.fixture
-async def log_lines() -> AsyncIterator[tuple[AccessLog, asyncio.StreamReader]]:
-    """A real access log writing into a pipe, and the pipe's other end to read its lines."""
-    read_fd, write_fd = os.pipe()
-    reader = asyncio.StreamReader()
-    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0)
-    )
-    yield AccessLog(fd=write_fd, interval_s=0), reader
-    transport.close()
-    os.close(write_fd)
 
 
 async def test_a_client_pausing_longer_than_idle_s_still_gets_the_whole_stream(

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from ..streaming import event_end, event_json
-from ..upstream import InBandError, StreamReader
+from ..upstream import Around, InBandError, StreamReader
 from .detectors import Match
 from .extract import Path
 from .redact import marker, merged
@@ -65,24 +65,18 @@ class _Event:
         self.raw, self.data, self.pieces = raw, data, pieces
 
 
-class GuardedStream:
+class GuardedStream(Around):
     """`inner`'s events with response guardrails applied; the same interface as `inner`."""
 
+    __slots__ = ("_scan", "_texts", "_found", "_queue", "_channels")
+
     def __init__(self, inner: StreamReader, scan: Scan, api: str, found: Callable[[list[Hit]], None]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._scan = scan
         self._texts = _chat_texts if api == "chat" else _messages_texts
         self._found = found
         self._queue: deque[_Event] = deque()
         self._channels: dict[Key, _Channel] = {}
-
-    @property
-    def done(self) -> bool:
-        return self._inner.done
-
-    @property
-    def usage(self) -> Any:
-        return self._inner.usage
 
     def feed(self, chunk: bytes) -> bytes:
         try:

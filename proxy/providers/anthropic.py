@@ -18,7 +18,7 @@ from ..config import AccountConfig, ProviderConfig
 from ..faults import Verdict
 from ..httpmessage import UpstreamFailure
 from ..metrics import Metrics
-from ..upstream import Answer, Exchange, InBandError, Outbound, Prepared, StreamReader
+from ..upstream import Answer, Around, Exchange, InBandError, Outbound, Prepared, StreamReader
 from .anthropic_answer import from_anthropic
 from .anthropic_passthrough import AnthropicPassThrough, anthropic_headers
 from .anthropic_errors import caller_error, classify_anthropic, classify_in_band, upstream_request_id
@@ -102,27 +102,20 @@ class AnthropicProvider:
             self._metrics.conversion_dropped_blocks((self.config.name, kind)).inc()
 
 
-class _Stream:
+class _Stream(Around):
     """`AnthropicStream` with its failures as the seam's: in-band errors classified, a malformed
     stream a bad response."""
 
-    __slots__ = ("_inner", "_provider", "_counted")
+    __slots__ = ("_stream", "_provider", "_counted")
 
     def __init__(self, inner: AnthropicStream, provider: AnthropicProvider) -> None:
-        self._inner = inner
+        super().__init__(inner)
+        self._stream = inner
         self._provider = provider
         self._counted = False
 
-    @property
-    def done(self) -> bool:
-        return self._inner.done
-
-    @property
-    def usage(self) -> Any:
-        return self._inner.usage
-
     def feed(self, chunk: bytes) -> bytes:
-        inner = self._inner
+        inner = self._stream
         try:
             out = inner.feed(chunk)
         except AnthropicStreamError as exc:
