@@ -3,7 +3,7 @@ requests at once, some clients leaving midway, the limits shared through a real 
 
 The invariant: each request ends in exactly one complete answer or one explicit error, with
 `x-request-id`; afterwards nothing is in flight, no upstream connection is held and no
-concurrency lease is left in Redis.
+concurrency lease is left in Redis. Chat completions and, converted, the Messages API.
 """
 
 from __future__ import annotations
@@ -232,3 +232,71 @@ async def test_a_model_over_every_fault_fails_over_or_answers_one_explicit_error
                 error_code(body)
         await wait_settled(gateway.server.app, redis_server.url)
     assert sum(status == 200 for status, _, _ in answers) > 0
+
+
+# The same matrix through /v1/messages: each request converted to the OpenAI-format fault
+# upstream and back, its answer or error in Anthropic's shapes (SPEC §10's status table).
+ANTHROPIC_STATUS = {502: 500, 503: 529}
+ANTHROPIC_TYPE = {
+    "bad_upstream_response": "api_error", "upstream_timeout": "timeout_error",
+    "no_account_available": "overloaded_error",
+}
+
+
+async def send_messages(http: aiohttp.ClientSession, url: str, model: str, stream: bool) -> tuple[int, dict[str, str], bytes]:
+    body = {"model": model, "max_tokens": 64, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    async with http.post(f"{url}/v1/messages", json=body, headers={"x-api-key": KEY}) as response:
+        return response.status, {k.lower(): v for k, v in response.headers.items()}, await response.read()
+
+
+def messages_ending(body: bytes) -> str:
+    """`done` (the words, then message_stop), or the type of the one terminal error event."""
+    events = [e for e in body.split(b"\n\n") if e.strip()]
+    assert events and all(e.startswith(b"event: ") for e in events), body[:300]
+    for e in events[:-1]:
+        assert not e.startswith(b"event: error"), e
+    name, _, data = events[-1].partition(b"\ndata: ")
+    payload = orjson.loads(data)
+    if name == b"event: message_stop":
+        words = "".join(orjson.loads(e.partition(b"\ndata: ")[2])["delta"].get("text", "")
+                        for e in events if e.startswith(b"event: content_block_delta"))
+        assert words.split() == list(WORDS)
+        return "done"
+    assert name == b"event: error" and payload["type"] == "error", events[-1]
+    kind: str = payload["error"]["type"]
+    return kind
+
+
+def check_messages(mode: str, stream: bool, status: int, headers: dict[str, str], body: bytes) -> None:
+    chat_status, chat_end = EXPECTED[mode][stream]
+    expected_status = ANTHROPIC_STATUS.get(chat_status, chat_status)
+    expected_end = ANTHROPIC_TYPE.get(chat_end or "", chat_end)
+    assert headers.get("x-request-id", "").startswith("req_"), (mode, stream, headers)
+    if expected_status == 200 and stream and expected_end != "done" and status != 200:
+        # a converted stream commits at its first content: a stream broken or stalled before
+        # its first word fails before commit, with the status its error stands for
+        expected_status = {"api_error": 500, "timeout_error": 504}[str(expected_end)]
+    assert status == expected_status, (mode, stream, status, body[:300])
+    if status == 200 and stream:
+        assert messages_ending(body) == expected_end, (mode, body[-300:])
+    elif status == 200:
+        assert orjson.loads(body)["content"][0]["text"] == " ".join(WORDS)
+    else:
+        error = orjson.loads(body)
+        assert error["type"] == "error" and set(error["error"]) >= {"type", "message"}, error
+        if expected_end is not None:
+            assert error["error"]["type"] == expected_end, (mode, stream, body)
+
+
+async def test_every_fault_over_the_messages_api_gets_its_one_answer_and_nothing_leaks(
+    start_gateway: Any, fault_upstream: FaultUpstream, redis_server: RedisProcess  # noqa: F811
+) -> None:
+    gateway = await start_gateway(matrix_config(fault_upstream.url, redis_server.url))
+    rng = random.Random(13)
+    cases = [(mode, stream) for mode in MODES for stream in (False, True) for _ in range(PER_CASE // 2)]
+    rng.shuffle(cases)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        answers = await asyncio.gather(*(send_messages(http, gateway.url, f"m-{mode}", stream) for mode, stream in cases))
+        for (mode, stream), (status, headers, body) in zip(cases, answers):
+            check_messages(mode, stream, status, headers, body)
+        await wait_settled(gateway.server.app, redis_server.url)
