@@ -153,8 +153,10 @@ def test_answer_texts_of_both_apis() -> None:
 
 # Streams: the client's text, event by event, split at every position of a match.
 
-def chat_event(text: str | None = None, finish: str | None = None) -> bytes:
-    delta = {} if text is None else {"content": text}
+def chat_event(text: str | None = None, finish: str | None = None, tool: tuple[int, str] | None = None) -> bytes:
+    delta: dict[str, Any] = {} if text is None else {"content": text}
+    if tool is not None:  # (index, argument piece) of a streamed tool call
+        delta["tool_calls"] = [{"index": tool[0], "function": {"arguments": tool[1]}}]
     chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
              "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
@@ -280,3 +282,36 @@ async def test_a_passed_through_error_event_releases_redacted_text() -> None:
     assert EMAIL.encode() not in relayed and b"john.d" not in relayed
     assert messages_text(relayed.rsplit(b"event: error", 1)[0]) == "Write to [REDACTED:EMAIL] now"
     assert relayed.endswith(error) and counted == ["email"]
+
+
+TOOL_INPUT = '{"note": "card \\"4111 1111 1111 1111\\" on file", "card": 4111111111111111, "tz": "UTC"}'
+
+
+def json_delta(text: str) -> bytes:
+    return messages_event("content_block_delta", index=0, delta={"type": "input_json_delta", "partial_json": text})
+
+
+@pytest.mark.parametrize("cut", range(1, len(TOOL_INPUT), 3))
+def test_streamed_tool_input_stays_json_when_a_number_is_redacted(cut: int) -> None:
+    """A match outside the JSON text's strings (a number) becomes a quoted marker in a stream
+    too, wherever the pieces are cut: the client's accumulated input still parses."""
+    pieces = [TOOL_INPUT[:cut], TOOL_INPUT[cut:]]
+    events = [
+        messages_event("content_block_start", index=0,
+                       content_block={"type": "tool_use", "id": "toolu_1", "name": "pay", "input": {}}),
+        *(json_delta(piece) for piece in pieces),
+        messages_event("content_block_stop", index=0),
+    ]
+    out, counted = relay("messages", events)
+    streamed = "".join(orjson.loads(e.partition(b"\ndata: ")[2])["delta"]["partial_json"]
+                       for e in events_of(out) if e.startswith(b"event: content_block_delta"))
+    assert orjson.loads(streamed) == {
+        "note": 'card "[REDACTED:CREDIT_CARD]" on file', "card": "[REDACTED:CREDIT_CARD]", "tz": "UTC"}
+    assert counted == ["credit_card", "credit_card"]
+    calls = [chat_event(None, tool=(0, piece)) for piece in pieces] + [chat_event(finish="tool_calls"), b"data: [DONE]\n\n"]
+    out, _ = relay("chat", calls)
+    arguments = "".join(
+        call["function"].get("arguments", "") for e in events_of(out) if (value := event_json(e)) is not None
+        for call in value["choices"][0]["delta"].get("tool_calls", [])
+    )
+    assert orjson.loads(arguments)["card"] == "[REDACTED:CREDIT_CARD]"

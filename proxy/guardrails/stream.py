@@ -12,6 +12,7 @@ re-encoded with the marker where its match began (the rest of a match cut from l
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,13 +32,14 @@ from .rules import Hit, Scan
 HOLD_BYTES = 64
 MAX_HOLD_BYTES = 4096  # past this a channel's text is released even while a candidate grows
 ALL = "*"
+JSON_FIELDS = ("arguments", "partial_json")  # texts that are pieces of one JSON document
 Key = tuple[Any, ...]
 
 
 class _Channel:
-    __slots__ = ("text", "base", "closed", "hits", "scan_from", "cut_until", "safe")
+    __slots__ = ("text", "base", "closed", "hits", "scan_from", "cut_until", "safe", "json", "lexed")
 
-    def __init__(self) -> None:
+    def __init__(self, *, json: bool = False) -> None:
         self.text = b""  # from `base`, the start of its first unreleased piece
         self.base = 0
         self.closed = False
@@ -45,10 +47,45 @@ class _Channel:
         self.scan_from = 0  # text before this has been judged (a released match ends here)
         self.cut_until = 0  # a redacted match that began in a released event ends here
         self.safe = 0  # pieces ending at or before this may leave
+        # a JSON document streamed in pieces (tool arguments, partial_json): whether `base` lies
+        # inside one of its strings, and just after a backslash there
+        self.json = json
+        self.lexed = (False, False)
 
     @property
     def end(self) -> int:
         return self.base + len(self.text)
+
+    def inside_string(self, at: int) -> bool:
+        """Whether the byte at `at` (not before `base`) lies inside a string of the JSON text."""
+        return _lexed(self.lexed, self.text[: at - self.base])[0]
+
+    def advance(self, to: int) -> None:
+        """Releases the text before `to`."""
+        if self.json:
+            self.lexed = _lexed(self.lexed, self.text[: to - self.base])
+        self.text = self.text[to - self.base :]
+        self.base = to
+
+
+# A JSON text's string boundaries: a quote, an escaped character, or a backslash cut from the
+# character it escapes by the end of a piece.
+_QUOTE_OR_ESCAPE = re.compile(rb'\\.|\\$|"', re.DOTALL)
+
+
+def _lexed(state: tuple[bool, bool], data: bytes) -> tuple[bool, bool]:
+    """(inside a string, after a backslash) at the end of `data`, from `state` at its start."""
+    inside, escaped = state
+    start = 0
+    if escaped and data:
+        start, escaped = 1, False
+    for found in _QUOTE_OR_ESCAPE.finditer(data, start):
+        token = found.group()
+        if token == b'"':
+            inside = not inside
+        elif len(token) == 1:
+            escaped = True
+    return inside, escaped
 
 
 class _Piece:
@@ -107,7 +144,9 @@ class GuardedStream(Around):
         elif data is not None:
             for key, path, text in self._texts(data, closes):
                 encoded = text.encode()
-                channel = self._channels.setdefault(key, _Channel())
+                channel = self._channels.get(key)
+                if channel is None:
+                    channel = self._channels[key] = _Channel(json=path[-1] in JSON_FIELDS)
                 pieces.append(_Piece(key, path, channel.end, channel.end + len(encoded)))
                 channel.text += encoded
                 touched.add(key)
@@ -160,8 +199,7 @@ class GuardedStream(Around):
             text = self._redacted(channel, piece)
             if text is not None:
                 changed.append((piece.path, text))
-            channel.text = channel.text[piece.end - channel.base :]
-            channel.base = piece.end
+            channel.advance(piece.end)
         if not changed:
             return event.raw
         for path, text in changed:
@@ -189,7 +227,10 @@ class GuardedStream(Around):
                 continue
             if match.start >= position:
                 parts.append(self._slice(channel, position, match.start))
-                parts.append(marker(match.category).encode())
+                replacement = marker(match.category).encode()
+                if channel.json and not channel.inside_string(match.start):
+                    replacement = b'"' + replacement + b'"'  # a number: the document stays JSON
+                parts.append(replacement)
             position = min(piece.end, match.end)
             channel.cut_until = max(channel.cut_until, match.end)
         parts.append(self._slice(channel, position, piece.end))
