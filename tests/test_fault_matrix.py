@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import MappingProxyType
 from typing import Any
 
@@ -127,7 +127,12 @@ async def send(http: aiohttp.ClientSession, url: str, model: str, stream: bool) 
         return response.status, {k.lower(): v for k, v in response.headers.items()}, await response.read()
 
 
-async def send_and_leave(http: aiohttp.ClientSession, url: str, model: str, stream: bool, after_s: float) -> None:
+Send = Callable[[aiohttp.ClientSession, str, str, bool], Awaitable[tuple[int, dict[str, str], bytes]]]
+
+
+async def send_and_leave(
+    http: aiohttp.ClientSession, url: str, model: str, stream: bool, after_s: float, send: Send = send
+) -> None:
     try:
         async with asyncio.timeout(after_s):
             await send(http, url, model, stream)
@@ -296,7 +301,14 @@ async def test_every_fault_over_the_messages_api_gets_its_one_answer_and_nothing
     cases = [(mode, stream) for mode in MODES for stream in (False, True) for _ in range(PER_CASE // 2)]
     rng.shuffle(cases)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        answers = await asyncio.gather(*(send_messages(http, gateway.url, f"m-{mode}", stream) for mode, stream in cases))
+        leaving = [
+            send_and_leave(http, gateway.url, f"m-{mode}", rng.random() < 0.5, rng.uniform(0.001, 0.3), send=send_messages)
+            for mode in MODES for _ in range(ABORTING)
+        ]
+        answers, *_ = await asyncio.gather(
+            asyncio.gather(*(send_messages(http, gateway.url, f"m-{mode}", stream) for mode, stream in cases)),
+            *leaving,
+        )
         for (mode, stream), (status, headers, body) in zip(cases, answers):
             check_messages(mode, stream, status, headers, body)
         await wait_settled(gateway.server.app, redis_server.url)
