@@ -13,6 +13,8 @@ from typing import Any
 
 import uvloop
 
+from proxy.edge import connection_cap
+
 from .configs import DEFAULT, mock_provider, provider
 from .harness import MIB, Bench, Hop, with_ratios
 from .load import chat_body
@@ -93,11 +95,14 @@ def many_streams(bench: Bench) -> dict[str, Any]:
     count, chunks, gap_ms = params.hold_count, params.hold_chunks, params.hold_gap_ms
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     fits = (open_files - 1024) // 2 // 1000 * 1000
+    # the gateway takes at most (limit - 64) / 2 client connections (`edge.connection_cap`), one
+    # upstream socket kept for each: past that a new connection is refused, so no more are sent
+    capped = min(count, connection_cap())
     rows = []
     if fits < count:
-        bench.log(f"(d) {count} concurrent slow streams through the mock provider")
+        bench.log(f"(d) {capped} concurrent slow streams through the mock provider")
         with bench.gateway("llm-proxy-hold-mock", {"bench-slow": mock_provider(gap_ms)}) as hop:
-            row = _hold(bench, hop, hop.chat_url, count)
+            row = _hold(bench, hop, hop.chat_url, capped)
         rows.append({"target": "llm-proxy", "upstream": f"mock provider, {chunks} words, "
                      f"chunk_delay_ms {gap_ms}", **row})
     if fits >= 1000:
@@ -111,6 +116,10 @@ def many_streams(bench: Bench) -> dict[str, Any]:
         notes.append(f"{count:,} streams through an upstream need 2 × {count:,} sockets in a hop, over the "
                      "open-files limit: they go through the mock provider (one event per word, then the "
                      "usage chunk and [DONE], each chunk_delay_ms apart; no upstream sockets).")
+    if capped < count:
+        notes.append(f"The gateway takes at most (open-files limit − 64) ÷ 2 = {capped:,} client connections "
+                     "(one upstream socket kept for each; the others are refused and counted in "
+                     "llm_proxy_connections_refused_total): the mock provider's streams are that many.")
     return {"id": "d", "title": f"(d) {count:,} concurrent slow streams in one gateway process",
             "columns": HOLD_COLUMNS, "rows": rows, "notes": notes}
 
