@@ -196,16 +196,20 @@ async def wait_settled(app: Any, redis_url: str, within_s: float = 15.0) -> None
         assert pool.connections == pool.idle, (name, pool.connections, pool.idle)
 
 
-async def test_every_fault_gets_its_one_answer_and_nothing_leaks(
-    start_gateway: Any, fault_upstream: FaultUpstream, redis_server: RedisProcess  # noqa: F811
+Check = Callable[[str, bool, int, dict[str, str], bytes], None]
+
+
+async def every_mode_at_once(
+    gateway: Any, redis_url: str, send: Send, check: Check, *, per_case: int, seed: int
 ) -> None:
-    gateway = await start_gateway(matrix_config(fault_upstream.url, redis_server.url))
-    rng = random.Random(7)
-    cases = [(mode, stream) for mode in MODES for stream in (False, True) for _ in range(PER_CASE)]
+    """`per_case` requests of each mode, JSON and streamed, all at once, and `ABORTING` more per
+    mode whose client leaves midway; each answer `check`ed, then nothing left in flight."""
+    rng = random.Random(seed)
+    cases = [(mode, stream) for mode in MODES for stream in (False, True) for _ in range(per_case)]
     rng.shuffle(cases)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         leaving = [
-            send_and_leave(http, gateway.url, f"m-{mode}", rng.random() < 0.5, rng.uniform(0.001, 0.3))
+            send_and_leave(http, gateway.url, f"m-{mode}", rng.random() < 0.5, rng.uniform(0.001, 0.3), send=send)
             for mode in MODES for _ in range(ABORTING)
         ]
         answers, *_ = await asyncio.gather(
@@ -214,7 +218,14 @@ async def test_every_fault_gets_its_one_answer_and_nothing_leaks(
         )
         for (mode, stream), (status, headers, body) in zip(cases, answers):
             check(mode, stream, status, headers, body)
-        await wait_settled(gateway.server.app, redis_server.url)
+        await wait_settled(gateway.server.app, redis_url)
+
+
+async def test_every_fault_gets_its_one_answer_and_nothing_leaks(
+    start_gateway: Any, fault_upstream: FaultUpstream, redis_server: RedisProcess  # noqa: F811
+) -> None:
+    gateway = await start_gateway(matrix_config(fault_upstream.url, redis_server.url))
+    await every_mode_at_once(gateway, redis_server.url, send, check, per_case=PER_CASE, seed=7)
     assert fault_upstream.open <= len(MODES) * PER_CASE * 2  # only idle keep-alives remain
 
 
@@ -297,18 +308,4 @@ async def test_every_fault_over_the_messages_api_gets_its_one_answer_and_nothing
     start_gateway: Any, fault_upstream: FaultUpstream, redis_server: RedisProcess  # noqa: F811
 ) -> None:
     gateway = await start_gateway(matrix_config(fault_upstream.url, redis_server.url))
-    rng = random.Random(13)
-    cases = [(mode, stream) for mode in MODES for stream in (False, True) for _ in range(PER_CASE // 2)]
-    rng.shuffle(cases)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        leaving = [
-            send_and_leave(http, gateway.url, f"m-{mode}", rng.random() < 0.5, rng.uniform(0.001, 0.3), send=send_messages)
-            for mode in MODES for _ in range(ABORTING)
-        ]
-        answers, *_ = await asyncio.gather(
-            asyncio.gather(*(send_messages(http, gateway.url, f"m-{mode}", stream) for mode, stream in cases)),
-            *leaving,
-        )
-        for (mode, stream), (status, headers, body) in zip(cases, answers):
-            check_messages(mode, stream, status, headers, body)
-        await wait_settled(gateway.server.app, redis_server.url)
+    await every_mode_at_once(gateway, redis_server.url, send_messages, check_messages, per_case=PER_CASE // 2, seed=13)
