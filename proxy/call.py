@@ -14,7 +14,7 @@ from .chat_api import CHAT
 from .clientapi import ClientApi, ClientRequest
 from .config import KeyConfig, ModelConfig
 from .jsonsplice import SpliceError, splice
-from .messages_request import MessagesRequest
+from .messages_validation import MessagesRequest
 from .periods import Period
 from .ratelimit import MAX_TOKENS, Grant
 from .validation import ChatRequest

@@ -19,7 +19,8 @@ from .errors import GatewayError, invalid_value
 from .faults import Fault, Verdict
 from .httpmessage import UpstreamFailure
 from .messages_answer import to_anthropic_answer
-from .messages_request import MessagesRequest, parse_messages_request, to_openai
+from .messages_request import to_openai
+from .messages_validation import MessagesRequest, parse_messages_request
 from .messages_stream import MessagesStream, MessagesStreamError, error_event
 from .metrics import Metrics
 from .upstream import Answer, Exchange, InBandError, Outbound, Prepared, Provider, StreamReader

@@ -19,7 +19,7 @@ from .httpmessage import UpstreamFailure
 from .validation import ChatRequest
 
 if TYPE_CHECKING:
-    from .messages_request import MessagesRequest
+    from .messages_validation import MessagesRequest
 
 __all__ = [
     "Answer", "Around", "Exchange", "InBandError", "NativeMessages", "Outbound", "Prepared", "Provider",

@@ -11,7 +11,8 @@ from anthropic.types import Message
 
 from proxy.errors import GatewayError
 from proxy.messages_answer import to_anthropic_answer
-from proxy.messages_request import estimate_tokens, to_openai, tool_name, validate_messages
+from proxy.messages_request import estimate_tokens, to_openai, tool_name
+from proxy.messages_validation import validate_messages
 
 BASE: dict[str, Any] = {"model": "claude-sonnet-4-6", "max_tokens": 1024, "messages": [{"role": "user", "content": "hi"}]}
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from proxy import errors
 from proxy.config import ModelConfig, ProviderConfig, Target
 from proxy.messages_api import COUNT_TOKENS, MESSAGES, ConvertedMessages, anthropic_error
-from proxy.messages_request import MessagesRequest
+from proxy.messages_validation import MessagesRequest
 from proxy.metrics import Metrics
 from proxy.providers import build
 
