@@ -36,6 +36,9 @@ class ServerConfig:
     # request's head is complete by then. Above common load balancers' 60 s idle timeout, so
     # they close first and never reuse a connection the gateway is closing.
     keepalive_s: float = 75.0
+    # A request body may pause this long between two reads (nginx's client_body_timeout): a
+    # body trickled slower than that ends in 408, so it cannot hold a request open for ever.
+    body_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,6 +125,7 @@ _SERVER: Spec = {
     "shutdown_grace_s": (float, _NOT_NEGATIVE),
     "header_timeout_s": (float, _POSITIVE),
     "keepalive_s": (float, _POSITIVE),
+    "body_timeout_s": (float, _POSITIVE),
 }
 _REDIS: Spec = {
     "url": (str, _REDIS_URL),

@@ -146,6 +146,13 @@ def request_too_large(limit: int) -> GatewayError:
     )
 
 
+def body_timeout(idle_s: float) -> GatewayError:
+    return GatewayError(
+        408, "invalid_request_error", "request_timeout",
+        f"The request body paused for more than {idle_s:g}s.",
+    )
+
+
 def draining() -> GatewayError:
     return GatewayError(
         503,

@@ -74,7 +74,7 @@ async def handle(request: web.Request, api: ClientApi, serve: Serve = admit_and_
         if state.draining:
             raise errors.draining()
         authenticate(call, request)
-        call.body = await read_body(request, state.server.max_body_bytes)
+        call.body = await read_body(request, state.server.max_body_bytes, state.server.body_timeout_s, call.request_id)
         validate(call, request)
         authorize(call)
         await guard_request(call)
@@ -119,13 +119,16 @@ def utf8_or_empty(text: str) -> str:
     return text
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `limit`."""
+async def read_body(request: web.Request, limit: int, idle_s: float = 60.0, request_id: str = "") -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `limit`, and with 408
+    when it pauses for more than `idle_s` between two reads."""
     length = request.content_length
     if length is not None and length > limit:
         raise errors.request_too_large(limit)
     try:
-        return await request.read()
+        if request.content.is_eof():  # the usual case: it came with the head, nothing to wait for
+            return await request.read()
+        return await _read_paced(request, limit, idle_s, request_id)
     except web.HTTPRequestEntityTooLarge:
         raise errors.request_too_large(limit) from None
     except web.RequestPayloadError:
@@ -133,6 +136,26 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         # here, the body is not drained again by aiohttp (which would log the error once more).
         request.content.feed_eof()
         raise errors.malformed_request("the body cannot be read as its headers describe it") from None
+
+
+async def _read_paced(request: web.Request, limit: int, idle_s: float, request_id: str) -> bytes:
+    """A body still arriving, read as it comes under a deadline moved by each read."""
+    content = request.content
+    parts: list[bytes] = []
+    size = 0
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(idle_s) as deadline:
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise errors.request_too_large(limit)
+                parts.append(chunk)
+                deadline.reschedule(loop.time() + idle_s)
+    except TimeoutError:
+        log.warning("request %s: its body paused for more than %gs; answered 408", request_id, idle_s)
+        raise errors.body_timeout(idle_s) from None
+    return b"".join(parts)
 
 
 def validate(call: Call, request: web.Request) -> None:

@@ -85,6 +85,7 @@ def test_base_config_is_valid_and_the_defaults_hold() -> None:
     assert (config.server.host, config.server.port, config.server.workers) == ("0.0.0.0", 8080, 1)
     assert config.server.max_body_bytes == 8 * 1024 * 1024
     assert (config.server.header_timeout_s, config.server.keepalive_s) == (10.0, 75.0)
+    assert config.server.body_timeout_s == 60.0
     assert (config.redis.url, config.redis.timeout_ms, config.redis.on_error) == (
         "",
         100,
@@ -152,6 +153,7 @@ def test_values_are_converted_and_kept_in_file_order() -> None:
         ({"providers.mock.accounts": [{"name": "m1"}]}, "mock account without key"),
         ({"server.admin_key": None}, "empty admin key"),
         ({"server.header_timeout_s": 0.5, "server.keepalive_s": 600}, "connection timeouts"),
+        ({"server.body_timeout_s": 0.25}, "body timeout"),
     ],
 )
 def test_edge_values_are_accepted(changes: dict[str, object], valid: str) -> None:
@@ -270,6 +272,7 @@ REJECTED = [
     ({"server.header_timeout_s": "10s"}, "server.header_timeout_s: must be a number"),
     ({"server.keepalive_s": -1}, "server.keepalive_s: must be > 0"),
     ({"server.keepalive_s": 0}, "server.keepalive_s: must be > 0"),
+    ({"server.body_timeout_s": 0}, "server.body_timeout_s: must be > 0"),
     # redis
     ({"redis.timeout_ms": 0}, "redis.timeout_ms: must be > 0"),
     ({"redis.on_error": "ignore"}, "redis.on_error: must be one of fail_open, fail_closed"),

@@ -234,3 +234,64 @@ async def test_metrics_carry_a_request_id(http: Any, start_gateway: Any) -> None
     gateway = await start_gateway(make_config())
     async with http.get(f"{gateway.url}/metrics", headers={"X-Request-Id": "scrape-1"}) as response:
         assert response.status == 200 and response.headers["x-request-id"] == "scrape-1"
+
+
+def post_head(path: str, length: int) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_a_body_that_pauses_past_body_timeout_gets_408(either_gateway: Starter, path: str) -> None:
+    """A client that stops sending its body holds nothing for ever: 408 `request_timeout`."""
+    gateway = await either_gateway(make_config(body_timeout_s=0.3))
+    body = orjson.dumps({"model": "gpt-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+    try:
+        writer.write(post_head(path, len(body)) + body[:10])  # the rest never comes
+        async with asyncio.timeout(15):
+            answer = await read_answer(reader)
+        assert answer.status == 408 and answer.headers["x-request-id"].startswith("req_")
+        error = orjson.loads(answer.body)
+        if path == "/v1/messages":  # Anthropic's shape
+            assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+        else:
+            assert assert_openai_error(answer.body, "request_timeout")["type"] == "invalid_request_error"
+    finally:
+        writer.close()
+
+
+async def test_a_chunked_body_still_arriving_is_refused_once_over_max_body_bytes(either_gateway: Starter) -> None:
+    gateway = await either_gateway(make_config(max_body_bytes=1000, body_timeout_s=5))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    try:
+        writer.write(head + b"258\r\n" + b"x" * 600 + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # a second piece, after the handler started reading
+        writer.write(b"258\r\n" + b"x" * 600 + b"\r\n")
+        async with asyncio.timeout(15):
+            answer = await read_answer(reader)
+        assert answer.status == 413
+        assert_openai_error(answer.body, "request_too_large")
+    finally:
+        writer.close()
+
+
+async def test_a_body_sent_in_pieces_within_body_timeout_is_served(either_gateway: Starter) -> None:
+    gateway = await either_gateway(make_config(body_timeout_s=5))
+    body = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hello " * 200}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+    try:
+        writer.write(post_head("/v1/chat/completions", len(body)))
+        for start in range(0, len(body), 300):  # a slow link: pieces well within the timeout
+            writer.write(body[start : start + 300])
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        async with asyncio.timeout(15):
+            answer = await read_answer(reader)
+        assert answer.status == 200, answer.body[:200]
+        assert orjson.loads(answer.body)["choices"][0]["message"]["content"].split()[:2] == ["hello", "hello"]
+    finally:
+        writer.close()
