@@ -116,3 +116,17 @@ def test_headers_carry_the_clients_version_and_both_betas() -> None:
     bare = ProviderConfig(name="c", type="anthropic", base_url="http://x")
     assert anthropic_headers(bare, version=None, beta=" ") == b"anthropic-version: 2023-06-01\r\n"
 
+
+
+async def test_a_stream_framed_with_crlf() -> None:
+    """SSE allows CRLF line ends: the end and an error after the commit are still seen."""
+    data = b"".join(events(REPLY)).replace(b"\n", b"\r\n")
+    relay = MessagesRelay()
+    assert relay.feed(data) == data and relay.done
+    start, ping, first, *_ = (e.replace(b"\n", b"\r\n") for e in events(REPLY))
+    relay = MessagesRelay()
+    relay.feed(start + ping + first)
+    error = sse({"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}).replace(b"\n", b"\r\n")
+    with pytest.raises(InBandError) as raised:
+        relay.feed(error)
+    assert raised.value.tail == error

@@ -117,16 +117,20 @@ class MessagesRelay(SseScanner):
     marker, and only the events before the commit are looked into.
     """
 
-    __slots__ = ("committed", "_waiting", "_counts")
+    __slots__ = ("committed", "_waiting", "_counts", "_error")
 
     END = b"event: message_stop\n"
     ERROR = b"event: error\n"
+    # the same lines in a stream framed with CRLF, as SSE allows
+    CRLF_END = b"event: message_stop\r\n"
+    CRLF_ERROR = b"event: error\r\n"
 
     def __init__(self) -> None:
         super().__init__(strip_usage=False)
         self.committed = False
         self._waiting: list[bytes] = []
         self._counts: dict[str, Any] = {}  # Anthropic's usage counters, as last reported
+        self._error = self.ERROR  # the error line to look for: LF, or CRLF once seen
 
     def feed(self, chunk: bytes) -> bytes:
         if self.done:
@@ -138,7 +142,9 @@ class MessagesRelay(SseScanner):
             data = self._until_content(data)
             if not data:
                 return b""
-        found = data.find(self.ERROR)
+        if self._error is self.CRLF_ERROR and not self.done and data.find(self.CRLF_END) >= 0:
+            self.done = True
+        found = data.find(self._error)
         if found >= 0 and (found == 0 or data[found - 1] == 0x0A):
             end = event_end(data, found, len(data))
             raise _in_band(data[found:end], tail=data[:end])
@@ -147,6 +153,8 @@ class MessagesRelay(SseScanner):
     def _until_content(self, data: bytes) -> bytes:
         """Holds message_start and pings; the held events and the rest from the first other one."""
         start, size = 0, len(data)
+        if data.find(b"\r\n", 0, 64) >= 0:
+            self._error = self.CRLF_ERROR
         while start < size:
             end = event_end(data, start, size)
             event = data[start:end]
