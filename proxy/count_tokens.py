@@ -17,16 +17,14 @@ from aiohttp import web
 
 from .account import Account
 from .call import Call
+from .clock import Clock
 from .faults import Fault, Verdict
+from .forward import MAX_ERROR_BODY, SUCCESS, TRANSIENT, read_all
 from .httpmessage import UpstreamFailure
 from .messages_request import estimate_tokens
 from .upstream import Exchange
 
 log = logging.getLogger("llm_proxy.count_tokens")
-
-MAX_ANSWER = 1 << 20
-TRANSIENT = Verdict(Fault.TRANSIENT, reason="transient")
-
 
 async def count_tokens(call: Call, request: web.Request) -> web.Response:
     counted = await _upstream_count(call)
@@ -57,13 +55,16 @@ async def _upstream_count(call: Call) -> web.Response | None:
         call.provider_type, call.attempts = native.config.type, call.attempts + 1
         verdict: Verdict | None = None
         exchange: Exchange | None = None
+        clock = Clock(native.config.timeouts)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(native.config.timeouts.first_byte_s):
+            async with clock.timer:
                 exchange = await native.count_tokens(choice.account.config, prepared, call.request_id)
-                body = await _read(exchange)
+                body = await read_all(exchange, clock, MAX_ERROR_BODY)
+            if not exchange.finished:
+                raise UpstreamFailure("bad_response", "a count_tokens answer over 1 MiB")
             if 200 <= exchange.status < 300:
-                verdict = Verdict(Fault.NONE)
+                verdict = SUCCESS
             else:
                 verdict = native.classify(exchange.status, exchange.headers, body, loop.time(), wall_now=time.time())
             if verdict.fault in (Fault.NONE, Fault.CALLER):
@@ -80,17 +81,7 @@ async def _upstream_count(call: Call) -> web.Response | None:
             if exchange is not None:
                 exchange.close()
             gateway.accounts.finish(
-                attempt, verdict or Verdict(Fault.NONE), loop.time(), cancelled=verdict is None,
+                attempt, verdict or SUCCESS, loop.time(), cancelled=verdict is None,
                 headers=exchange.headers if exchange is not None else None,
             )
 
-
-async def _read(exchange: Exchange) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await exchange.read():
-        parts.append(chunk)
-        size += len(chunk)
-        if size > MAX_ANSWER:
-            raise UpstreamFailure("bad_response", "a count_tokens answer over 1 MiB")
-    return b"".join(parts)

@@ -221,7 +221,7 @@ async def _refused(
     call: Call, provider: Provider, exchange: Exchange, clock: Clock
 ) -> tuple[Verdict, web.StreamResponse | GatewayError]:
     """A non-2xx answer: relayed when it is the caller's fault, else this attempt's error."""
-    body = await _read_all(exchange, clock, MAX_ERROR_BODY)
+    body = await read_all(exchange, clock, MAX_ERROR_BODY)
     now = clock.loop.time()
     verdict = provider.classify(exchange.status, exchange.headers, body, now, wall_now=time.time())
     if verdict.fault is Fault.CALLER:
@@ -239,7 +239,9 @@ def _error_for(verdict: Verdict, detail: str, now: float) -> GatewayError:
     return errors.no_account_available(max(1.0, (verdict.until or 0) - now))
 
 
-async def _read_all(exchange: Exchange, clock: Clock, limit: int | None = None) -> bytes:
+async def read_all(exchange: Exchange, clock: Clock, limit: int | None = None) -> bytes:
+    """The answer's body, each chunk due within `idle_s`; its first `limit` bytes or a little
+    more when it is longer (`exchange.finished` is then false)."""
     parts: list[bytes] = []
     size = 0
     while chunk := await exchange.read():
@@ -255,7 +257,7 @@ async def _relay_json(
     call: Call, provider: Provider, prepared: Prepared, exchange: Exchange, clock: Clock
 ) -> tuple[Verdict, web.StreamResponse | GatewayError]:
     try:
-        answer = provider.answer(await _read_all(exchange, clock), prepared)
+        answer = provider.answer(await read_all(exchange, clock), prepared)
     except ValueError as exc:
         return TRANSIENT, _failed(call, errors.bad_upstream_response(str(exc)))
     call.record_usage(answer.usage)

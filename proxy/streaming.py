@@ -123,7 +123,7 @@ class SseScanner:
             start = found + 7
             if not _is_object_after(data, start):
                 continue  # `"usage": null` rides on every chunk once usage is asked for
-            begin = _event_start(data, floor, found)
+            begin = event_start(data, floor, found)
             start = floor = event_end(data, found, len(data))
             event = event_json(data[begin:start])
             if type(event) is not dict or type(event.get("usage")) is not dict:
@@ -154,7 +154,7 @@ def _is_object_after(data: bytes, at: int) -> bool:
     return rest.startswith(b"{")
 
 
-def _event_start(data: bytes, floor: int, at: int) -> int:
+def event_start(data: bytes, floor: int, at: int) -> int:
     """Where the event holding `at` begins: past the last boundary before it. `floor` is an event
     start at or before `at`; a later boundary may overlap the one ending there (three line feeds)."""
     lf = data.rfind(b"\n\n", max(0, floor - 1), at)

@@ -18,7 +18,7 @@ import orjson
 from ..config import AccountConfig, ProviderConfig
 from ..faults import Verdict
 from ..httpmessage import UpstreamFailure
-from ..streaming import SseScanner, event_end, event_json
+from ..streaming import SseScanner, event_end, event_json, event_start
 from ..upstream import Answer, Exchange, InBandError, Outbound, Prepared, StreamReader
 from .anthropic_answer import openai_usage
 from .anthropic_errors import ERROR_STATUSES, classify_in_band, upstream_request_id
@@ -173,8 +173,7 @@ class MessagesRelay(SseScanner):
         """message_start's `message.usage`, then message_delta's `usage` over it."""
         start, size = 0, len(data)
         while (found := data.find(b'"usage"', start)) >= 0:
-            begin = data.rfind(b"\n\n", 0, found)
-            begin = 0 if begin < 0 else begin + 2
+            begin = event_start(data, start, found)
             start = event_end(data, found, size)
             payload = event_json(data[begin:start])
             if type(payload) is not dict:
