@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..upstream import StreamReader
-from .extract import answer_segments
+from .extract import ANSWER_ROOTS, answer_segments
+from .prefilter import maybe
 from .redact import with_texts
 from .rules import Hit, Scan
 from .stage import record, redactions
@@ -37,6 +38,8 @@ def guard_answer(call: Call, body: bytes, api: str = "chat") -> bytes:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
+        return body
+    if type(data) is not dict or scan.bits is not None and not maybe(data, ANSWER_ROOTS[api], scan.bits):
         return body
     segments = answer_segments(api, data)
     texts = [segment.text.encode() for segment in segments]

@@ -36,6 +36,12 @@ def request_segments(api: str, data: dict[str, Any]) -> list[Segment]:
     raise ValueError(f"unknown api {api!r}")
 
 
+# The members of a request body (by API) and of a JSON answer that every text of
+# `request_segments` and `answer_segments` lies inside.
+REQUEST_ROOTS = {"chat": ("messages",), "messages": ("system", "messages")}
+ANSWER_ROOTS = {"chat": ("choices",), "messages": ("content",)}
+
+
 def answer_segments(api: str, data: Any) -> list[Segment]:
     """Every text of a JSON answer that reaches the client."""
     if type(data) is not dict:

@@ -15,6 +15,7 @@ from typing import Any
 import re2
 
 from ..config import GuardrailConfig, KeyConfig, ModelConfig
+from . import prefilter
 from .detectors import CATEGORIES, Detector, Match
 
 SEPARATOR = b"\x00"  # between joined texts: no built-in shape matches it, so none spans two texts
@@ -60,12 +61,15 @@ class Hit:
 class Scan:
     """The guardrails acting in one direction, and the detector pass they share."""
 
-    __slots__ = ("guardrails", "detector")
+    __slots__ = ("guardrails", "detector", "bits")
 
     def __init__(self, guardrails: Sequence[Guardrail]) -> None:
         self.guardrails = tuple(guardrails)
         categories = frozenset().union(*(g.categories for g in guardrails))
         self.detector = Detector(categories) if categories else None
+        # the prefilter's categories (`prefilter.maybe`), or None when an operator's pattern
+        # must read every text
+        self.bits = None if any(g.patterns for g in guardrails) else prefilter.mask(categories)
 
     def hits(self, texts: Sequence[bytes]) -> list[Hit]:
         """Every match of every guardrail in `texts` (UTF-8), offsets within each text."""

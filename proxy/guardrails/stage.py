@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .. import errors
-from .extract import Segment, request_segments
+from .extract import REQUEST_ROOTS, Segment, request_segments
+from .prefilter import maybe
 from .redact import redact_text, with_texts
 from .rules import Hit, Scan
 
@@ -45,11 +46,13 @@ async def check_request(call: Call, api: str, data: dict[str, Any]) -> dict[str,
     plan = call.gateway.guardrails.plan(call.key, call.model)
     if plan is None or plan.request is None:
         return None
+    scan = plan.request
+    if scan.bits is not None and not maybe(data, REQUEST_ROOTS[api], scan.bits):
+        return None  # nothing there any detector could find
     segments = request_segments(api, data)
     if not segments:
         return None
     texts = [segment.text.encode() for segment in segments]
-    scan = plan.request
     if sum(map(len, texts)) > OFFLOAD_BYTES:
         hits = await asyncio.to_thread(scan.hits, texts)
     else:
