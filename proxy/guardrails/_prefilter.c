@@ -379,8 +379,28 @@ static PyObject *maybe(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     Py_RETURN_FALSE;
 }
 
+PyDoc_STRVAR(vectors_doc,
+"vectors(on) -> bool\n\n"
+"Whether texts of 64 bytes and more are read 64 at a time with AVX2 (where the CPU has it), or\n"
+"byte by byte when `on` is false (the two must agree: the tests compare them). Returns whether\n"
+"they were before.");
+
+static PyObject *vectors(PyObject *self, PyObject *on) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    int before = use_avx2;
+    int want = PyObject_IsTrue(on);
+    if (want < 0) return NULL;
+    __builtin_cpu_init();
+    use_avx2 = want && __builtin_cpu_supports("avx2");
+    return PyBool_FromLong(before);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"maybe", (PyCFunction)(void (*)(void))maybe, METH_FASTCALL, maybe_doc},
+    {"vectors", vectors, METH_O, vectors_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,10 +18,10 @@ from typing import Any
 from .detectors import CATEGORIES
 
 try:
-    from ._prefilter import maybe
+    from ._prefilter import maybe as maybe
 except ImportError:  # pragma: no cover - built wherever the tests run
 
-    def maybe(body: dict[str, Any], roots: tuple[str, ...], bits: int) -> bool:
+    def maybe(body: dict[str, Any], roots: tuple[str, ...], mask: int, /) -> bool:
         """Without the compiled module every body may hold something."""
         return True
 
