@@ -136,3 +136,31 @@ def test_generated_texts(prefix: int, text: str, category: str) -> None:
     if candidate(detector, padded):
         assert verdicts == [True, True]
     assert verdicts[0] == verdicts[1]
+
+
+@pytest.mark.parametrize("unit", ["A", "AKI", "-", ":", "r", "rer", "@", "_", "1a", "1 ", "1.", "eyJ", "ab12"])
+def test_texts_of_one_repeated_stop_byte(reading: bool, unit: str) -> None:
+    # The worst inputs for a loop that stops at such bytes: each is judged, and the verdict
+    # (over 64 KiB, read without the GIL) is the pattern's.
+    text = unit * (100_000 // len(unit))
+    if candidate(ALL, text):
+        assert says(text)
+    assert says(text) is _bytes_verdict(text)
+
+
+def _bytes_verdict(text: str) -> bool:
+    before = _prefilter.vectors(False)
+    try:
+        return says(text)
+    finally:
+        _prefilter.vectors(before)
+
+
+async def test_large_texts_are_read_in_worker_threads_at_once() -> None:
+    # Texts over 64 KiB are read without the GIL (the stage sends large bodies to a thread).
+    import asyncio
+
+    clean = (PROSE * 20_000)[:1_500_000]
+    found = clean[:700_000] + " a@b.co " + clean[700_000:]
+    verdicts = await asyncio.gather(*(asyncio.to_thread(says, text) for text in (clean, found, clean, found)))
+    assert verdicts == [False, True, False, True]

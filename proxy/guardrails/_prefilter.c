@@ -150,7 +150,7 @@ static int secret_at(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) {
     case 'z':
         return has(s, n, i - 2, "AI") && has(s, n, i + 1, "a") && run_of(s, n, i + 2, TOKEN, 35);
     case 'A':
-        if (i < 3 || s[i - 3] != 'A') return 0;
+        if (i < 3 || s[i - 3] != 'A' || !in(s[i - 2], "KSBCGIRNP")) return 0;
         for (size_t a = 0; a < sizeof AWS / sizeof AWS[0]; a++)
             if (memcmp(s + i - 3, AWS[a], 3) == 0) return run_of(s, n, i + 1, ALNUM, 16);
         return 0;
@@ -320,6 +320,19 @@ static int could_match(const unsigned char *s, Py_ssize_t n, int mask) {
     return scalar_from(s, n, 0, mask);
 }
 
+/* A text this long is read without the GIL (its owner, the body, is held by the caller), so
+   that the event loop runs on while a worker thread reads a large body. */
+#define FREE_GIL_BYTES (64 * 1024)
+
+static int scan_text(const unsigned char *data, Py_ssize_t size, int mask) {
+    int found;
+    if (size < FREE_GIL_BYTES) return could_match(data, size, mask);
+    Py_BEGIN_ALLOW_THREADS
+    found = could_match(data, size, mask);
+    Py_END_ALLOW_THREADS
+    return found;
+}
+
 /* Texts nested deeper than this are left to the full detector (a maybe). */
 #define MAX_DEPTH 64
 
@@ -333,10 +346,10 @@ static int walk(PyObject *value, int mask, int depth) {
             PyErr_Clear(); /* a lone surrogate has no UTF-8 form: the full detector judges it */
             return 1;
         }
-        return could_match((const unsigned char *)data, size, mask);
+        return scan_text((const unsigned char *)data, size, mask);
     }
     if (PyBytes_Check(value))
-        return could_match((const unsigned char *)PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value), mask);
+        return scan_text((const unsigned char *)PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value), mask);
     if (PyList_Check(value) || PyTuple_Check(value)) {
         if (depth >= MAX_DEPTH) return 1;
         Py_ssize_t size = PySequence_Fast_GET_SIZE(value);

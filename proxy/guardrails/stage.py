@@ -20,8 +20,9 @@ from .rules import Hit, Scan
 if TYPE_CHECKING:
     from ..call import Call
 
-# Texts larger than this are scanned in a worker thread, so that a huge prompt never holds the
-# event loop (and the other requests on it) for the whole scan.
+# Bodies larger than this are scanned in a worker thread (the prefilter reads their large texts
+# without the GIL), so that a huge prompt never holds the event loop (and the other requests on
+# it) for the whole scan.
 OFFLOAD_BYTES = 64 * 1024
 # A block lists at most this many findings (all are counted in the metric).
 MAX_FINDINGS = 100
@@ -47,22 +48,29 @@ async def check_request(call: Call, api: str, data: dict[str, Any]) -> dict[str,
     if plan is None or plan.request is None:
         return None
     scan = plan.request
+    if len(call.body) > OFFLOAD_BYTES:
+        found = await asyncio.to_thread(_find, scan, api, data)
+    else:
+        found = _find(scan, api, data)
+    if found is None:
+        return None
+    segments, texts, hits = found
+    record(call, hits)
+    _raise_if_blocked(scan, hits, segments)
+    edits = redactions(hits, segments, texts)
+    return with_texts(data, edits) if edits else None
+
+
+def _find(scan: Scan, api: str, data: dict[str, Any]) -> tuple[list[Segment], list[bytes], list[Hit]] | None:
+    """The request's texts and what `scan` finds in them, or None when it finds nothing."""
     if scan.bits is not None and not maybe(data, REQUEST_ROOTS[api], scan.bits):
         return None  # nothing there any detector could find
     segments = request_segments(api, data)
     if not segments:
         return None
     texts = [segment.text.encode() for segment in segments]
-    if sum(map(len, texts)) > OFFLOAD_BYTES:
-        hits = await asyncio.to_thread(scan.hits, texts)
-    else:
-        hits = scan.hits(texts)
-    if not hits:
-        return None
-    record(call, hits)
-    _raise_if_blocked(scan, hits, segments)
-    edits = redactions(hits, segments, texts)
-    return with_texts(data, edits) if edits else None
+    hits = scan.hits(texts)
+    return (segments, texts, hits) if hits else None
 
 
 def record(call: Call, hits: Sequence[Hit]) -> None:

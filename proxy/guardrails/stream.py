@@ -23,6 +23,7 @@ from ..streaming import event_end, event_json
 from ..upstream import Around, InBandError, StreamReader
 from .detectors import Match
 from .extract import Path
+from .prefilter import maybe
 from .redact import marker, merged
 from .rules import Hit, Scan
 
@@ -32,7 +33,8 @@ from .rules import Hit, Scan
 HOLD_BYTES = 64
 MAX_HOLD_BYTES = 4096  # past this a channel's text is released even while a candidate grows
 ALL = "*"
-JSON_FIELDS = ("arguments", "partial_json")  # texts that are pieces of one JSON document
+JSON_FIELDS = ("arguments", "partial_json")
+_TEXT = ("text",)  # the one root of the prefilter's body  # texts that are pieces of one JSON document
 Key = tuple[Any, ...]
 
 
@@ -162,6 +164,12 @@ class GuardedStream(Around):
         """Rescans the channel's unjudged text: its hits, and how far its pieces may leave."""
         offset = max(channel.base, channel.scan_from)
         text = channel.text[offset - channel.base :]
+        bits = self._scan.bits
+        if bits is not None and not maybe({"text": text}, _TEXT, bits):
+            # no candidate, so neither a hit nor anything growing: only the hold-back is held
+            channel.hits = []
+            channel.safe = channel.end if channel.closed else channel.end - HOLD_BYTES
+            return
         hits = [Hit(h.guardrail, 0, Match(h.match.category, h.match.start + offset, h.match.end + offset))
                 for h in self._scan.hits([text])] if text else []
         channel.hits = hits
