@@ -59,7 +59,9 @@ def test_vectors_are_used_where_the_cpu_has_them() -> None:
         _prefilter.vectors(before)
 
 
-SAMPLES = [text for text, _, _ in FINDS] + NEAR_MISSES
+# A key block right after a run of digits and separators (the run must not hide its dashes).
+RUNS = ["00000-----BEGIN RSA PRIVATE KEY-----\nMIIB", "1 2 -----BEGIN PRIVATE KEY-----", "4.4.4 -----BEGIN EC PRIVATE KEY-----"]
+SAMPLES = [text for text, _, _ in FINDS] + NEAR_MISSES + RUNS
 
 
 @pytest.mark.parametrize("text", SAMPLES)

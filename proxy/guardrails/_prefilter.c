@@ -112,19 +112,22 @@ static int run_verdict(const unsigned char *s, Py_ssize_t n, Py_ssize_t i, Py_ss
     return 0;
 }
 
-/* The run of digits and separators from the digit at `i`; sets `*end` past it. */
+/* The run of digits and separators from the digit at `i`; sets `*end` past its last digit (the
+   separators after it are read again: `-----BEGIN` may start there). */
 static int digits_at(const unsigned char *s, Py_ssize_t n, Py_ssize_t i, int mask, Py_ssize_t *end) {
-    Py_ssize_t digits = 0, dots = 0, k = i;
+    Py_ssize_t digits = 0, dots = 0, k = i, last = i;
     for (; k < n; k++) {
         unsigned char c = cls[s[k]];
-        if (c & DIGIT)
+        if (c & DIGIT) {
             digits++;
-        else if (c & SEP)
+            last = k;
+        } else if (c & SEP) {
             dots += s[k] == '.';
-        else
+        } else {
             break;
+        }
     }
-    *end = k;
+    *end = last + 1;
     return run_verdict(s, n, i, digits, dots, mask);
 }
 
